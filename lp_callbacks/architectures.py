@@ -1,0 +1,182 @@
+"""Where the decoder blocks of each supported Hugging Face family live.
+
+This module is the ONLY place that knows model internals such as ``model.layers`` or ``transformer.h``. Everything
+else asks :func:`get_decoder_layers` (and :func:`find_architecture` for per-layer config fields).
+
+Example:
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+    ...                                      num_attention_heads=4, vocab_size=128))
+    >>> len(get_decoder_layers(model))
+    4
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+__all__ = [
+    "Architecture",
+    "ARCHITECTURES",
+    "find_architecture",
+    "find_hf_model",
+    "get_decoder_layers",
+    "get_layers_owner",
+    "resolve_layers_path",
+]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """How one model family stores its decoder blocks.
+
+    Args:
+        layer_paths: dotted attribute paths of the block ``ModuleList``, tried in order, relative to the model
+            with an LM head first and to the bare base model after (for example ``model.layers`` then ``layers``).
+        per_layer_fields: config attributes holding one entry per layer (sliced when layers are removed).
+        layer_index_fields: config attributes holding lists of layer indices (renumbered when layers are removed).
+    """
+
+    layer_paths: tuple[str, ...]
+    per_layer_fields: tuple[str, ...] = ("layer_types",)
+    layer_index_fields: tuple[str, ...] = ()
+
+
+_LLAMA_LIKE = Architecture(layer_paths=("model.layers", "layers"))
+
+#: model_type -> Architecture. Add a family here (and a tiny config to ``tests/conftest.py``), nowhere else.
+ARCHITECTURES: dict[str, Architecture] = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "mixtral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "qwen2_moe": Architecture(layer_paths=("model.layers", "layers"), layer_index_fields=("mlp_only_layers",)),
+    "qwen3_moe": Architecture(layer_paths=("model.layers", "layers"), layer_index_fields=("mlp_only_layers",)),
+    "gemma": _LLAMA_LIKE,
+    "gemma2": _LLAMA_LIKE,
+    "gemma3_text": _LLAMA_LIKE,
+    "gemma3": Architecture(layer_paths=("model.language_model.layers", "language_model.layers")),
+    "phi": _LLAMA_LIKE,
+    "phi3": _LLAMA_LIKE,
+    "olmo": _LLAMA_LIKE,
+    "olmo2": _LLAMA_LIKE,
+    "granite": _LLAMA_LIKE,
+    "stablelm": _LLAMA_LIKE,
+    "starcoder2": _LLAMA_LIKE,
+    "cohere": _LLAMA_LIKE,
+    "smollm3": _LLAMA_LIKE,
+    "gpt2": Architecture(layer_paths=("transformer.h", "h")),
+    "gptj": Architecture(layer_paths=("transformer.h", "h")),
+    "bloom": Architecture(layer_paths=("transformer.h", "h")),
+    "falcon": Architecture(layer_paths=("transformer.h", "h")),
+    "gpt_neox": Architecture(layer_paths=("gpt_neox.layers", "layers")),
+    "opt": Architecture(layer_paths=("model.decoder.layers", "decoder.layers")),
+}
+
+# Tried, in order, for a model whose family is not in the table (custom or new HF models).
+_FALLBACK_PATHS: tuple[str, ...] = (
+    "model.layers",
+    "model.decoder.layers",
+    "model.language_model.layers",
+    "transformer.h",
+    "gpt_neox.layers",
+    "layers",
+    "decoder.layers",
+    "h",
+)
+
+
+def find_hf_model(module: nn.Module) -> nn.Module:
+    """Return the outermost Hugging Face ``PreTrainedModel`` inside ``module`` (or ``module`` itself).
+
+    Sees through a LightningModule attribute, ``DistributedDataParallel.module``, ``torch.compile``'s ``_orig_mod``
+    and PEFT wrappers, since all of them register the wrapped model as a submodule. Returns ``module`` unchanged
+    when it holds no ``PreTrainedModel`` (a custom model: pass ``layers_path`` then).
+    """
+    from transformers import PreTrainedModel
+
+    for candidate in module.modules():  # pre-order: the outermost model comes first
+        if isinstance(candidate, PreTrainedModel):
+            return candidate
+    return module
+
+
+def _model_type(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "model_type", None)
+
+
+def find_architecture(model: nn.Module) -> Architecture | None:
+    """The table entry for ``model``'s family, or ``None`` when the family is not in :data:`ARCHITECTURES`."""
+    return ARCHITECTURES.get(_model_type(find_hf_model(model)) or "")
+
+
+def _get_path(root: nn.Module, path: str) -> object | None:
+    obj: object = root
+    for name in path.split("."):
+        obj = getattr(obj, name, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def resolve_layers_path(model: nn.Module, layers_path: str | None = None) -> tuple[nn.Module, str]:
+    """Find the decoder blocks: return ``(root, path)`` such that ``root.<path>`` is the block ``ModuleList``.
+
+    Args:
+        model: an HF model, or any module that holds one (LightningModule, PEFT model, compiled model, DDP).
+        layers_path: explicit dotted path from the HF model (or from ``model`` when it holds no HF model), for
+            custom models, for example ``"backbone.blocks"``.
+
+    Raises:
+        ValueError: when nothing is found; the message lists the family and every path searched.
+    """
+    root = find_hf_model(model)
+    if layers_path is not None:
+        if not isinstance(layers_path, str) or not layers_path:
+            raise ValueError(f"`layers_path` must be a non-empty dotted attribute path, got {layers_path!r}.")
+        found = _get_path(root, layers_path)
+        if not isinstance(found, nn.ModuleList):
+            raise ValueError(
+                f"`layers_path={layers_path!r}` does not name a torch.nn.ModuleList on {type(root).__name__}"
+                f" (found {type(found).__name__})."
+            )
+        if len(found) == 0:
+            raise ValueError(f"`layers_path={layers_path!r}` names an empty ModuleList: the model has no decoder layers.")
+        return root, layers_path
+
+    model_type = _model_type(root)
+    arch = ARCHITECTURES.get(model_type or "")
+    searched = arch.layer_paths if arch is not None else _FALLBACK_PATHS
+    for path in searched:
+        found = _get_path(root, path)
+        if isinstance(found, nn.ModuleList):
+            if len(found) == 0:
+                raise ValueError(f"{type(root).__name__}.{path} is empty: the model has no decoder layers.")
+            return root, path
+    family = f"model_type={model_type!r}" if model_type else "no HF config"
+    supported = ", ".join(sorted(ARCHITECTURES))
+    raise ValueError(
+        f"Could not find the decoder layers of {type(root).__name__} ({family}): searched {list(searched)}."
+        f" Supported families: {supported}. For a custom model pass `layers_path`, the dotted path of its"
+        " block ModuleList (for example layers_path='backbone.blocks')."
+    )
+
+
+def get_decoder_layers(model: nn.Module, layers_path: str | None = None) -> nn.ModuleList:
+    """Return the ``ModuleList`` of decoder blocks of ``model`` (see :func:`resolve_layers_path`)."""
+    root, path = resolve_layers_path(model, layers_path)
+    return _get_path(root, path)  # type: ignore[return-value]
+
+
+def get_layers_owner(model: nn.Module, layers_path: str | None = None) -> nn.Module:
+    """The module whose ``forward`` runs the blocks (``LlamaModel``, ``GPT2Model``, ``OPTDecoder``...).
+
+    Its forward receives the 2-D ``attention_mask`` that tells real tokens from padding.
+    """
+    root, path = resolve_layers_path(model, layers_path)
+    parent, _, _ = path.rpartition(".")
+    return _get_path(root, parent) if parent else root  # type: ignore[return-value]

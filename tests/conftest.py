@@ -1,0 +1,93 @@
+"""Tiny randomly initialised HF models, one per supported family: fast, no downloads."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+VOCAB = 128
+HIDDEN = 32
+LAYERS = 6
+
+
+def _common(**extra):
+    cfg = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_attention_heads=4, intermediate_size=64,
+               num_hidden_layers=LAYERS, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg.update(extra)
+    return cfg
+
+
+def tiny_config(family: str, num_layers: int = LAYERS):
+    """A tiny config of ``family`` with ``num_layers`` decoder blocks."""
+    import transformers as tf
+
+    L = num_layers
+    if family == "llama":
+        return tf.LlamaConfig(**_common(num_hidden_layers=L, num_key_value_heads=2))
+    if family == "mistral":
+        return tf.MistralConfig(**_common(num_hidden_layers=L, num_key_value_heads=2, sliding_window=8))
+    if family == "qwen2":
+        return tf.Qwen2Config(**_common(num_hidden_layers=L, num_key_value_heads=2, use_sliding_window=False))
+    if family == "qwen3":
+        return tf.Qwen3Config(**_common(num_hidden_layers=L, num_key_value_heads=2, head_dim=8))
+    if family == "gemma":
+        return tf.GemmaConfig(**_common(num_hidden_layers=L, num_key_value_heads=2, head_dim=8))
+    if family == "gemma2":
+        return tf.Gemma2Config(**_common(num_hidden_layers=L, num_key_value_heads=2, head_dim=8, sliding_window=8))
+    if family == "gemma3_text":
+        return tf.Gemma3TextConfig(**_common(num_hidden_layers=L, num_key_value_heads=2, head_dim=8,
+                                             sliding_window=8))
+    if family == "phi":
+        return tf.PhiConfig(**_common(num_hidden_layers=L))
+    if family == "phi3":
+        return tf.Phi3Config(**_common(num_hidden_layers=L, num_key_value_heads=2))
+    if family == "gpt2":
+        return tf.GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=L, n_head=4, n_positions=128,
+                             pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if family == "gpt_neox":
+        return tf.GPTNeoXConfig(**_common(num_hidden_layers=L))
+    if family == "opt":
+        return tf.OPTConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=L, num_attention_heads=4,
+                            ffn_dim=64, max_position_embeddings=128, word_embed_proj_dim=HIDDEN, pad_token_id=0,
+                            bos_token_id=1, eos_token_id=2)
+    if family == "falcon":
+        return tf.FalconConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=L, num_attention_heads=4,
+                               pad_token_id=0, bos_token_id=1, eos_token_id=2, new_decoder_architecture=False, multi_query=True)
+    raise ValueError(f"unknown test family {family!r}")
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi", "phi3", "gpt2",
+            "gpt_neox", "opt", "falcon"]
+
+
+def tiny_model(family: str = "llama", num_layers: int = LAYERS, seed: int = 0):
+    """A tiny causal LM of ``family`` in eval mode, fp32, with fixed random weights."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = tiny_config(family, num_layers)
+    config._attn_implementation = "eager"
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    return model.eval()
+
+
+def random_batch(batch_size: int = 2, seq_len: int = 16, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Token ids in [1, VOCAB) (0 is padding) with an all-ones attention mask."""
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(1, VOCAB, (batch_size, seq_len), generator=g)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _single_thread_determinism():
+    torch.manual_seed(0)
+    yield
