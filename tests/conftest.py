@@ -91,3 +91,74 @@ def family(request) -> str:
 def _single_thread_determinism():
     torch.manual_seed(0)
     yield
+
+
+# ----------------------------------------------------------------------------- a user's LightningModule
+import lightning.pytorch as pl  # noqa: E402
+from torch.utils.data import DataLoader, Dataset  # noqa: E402
+
+
+class RandomTokens(Dataset):
+    """``length`` random sequences, right-padded to ``seq_len`` with a random number of pads (0 to seq_len/2)."""
+
+    def __init__(self, length: int = 32, seq_len: int = 16, seed: int = 0, pad: bool = True) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.input_ids = torch.randint(1, VOCAB, (length, seq_len), generator=g)
+        self.attention_mask = torch.ones_like(self.input_ids)
+        if pad:
+            for i, n in enumerate(torch.randint(0, seq_len // 2, (length,), generator=g).tolist()):
+                if n:
+                    self.input_ids[i, -n:] = 0
+                    self.attention_mask[i, -n:] = 0
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids[i], "attention_mask": self.attention_mask[i]}
+
+
+class TinyLM(pl.LightningModule):
+    """What a user writes: an HF causal LM attribute and a loss; nothing specific to lp_callbacks."""
+
+    def __init__(self, family: str = "llama", num_layers: int = LAYERS, lr: float = 1e-2, optimizer: str = "adam",
+                 seed: int = 0, gradient_checkpointing: bool = False) -> None:
+        super().__init__()
+        self.model = tiny_model(family, num_layers, seed).train()
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.lr, self.optimizer_name = lr, optimizer
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def training_step(self, batch, batch_idx):
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels)
+        self.log("train_loss", out.loss)
+        return out.loss
+
+    def validation_step(self, batch, batch_idx):
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels)
+        self.log("val_loss", out.loss)
+
+    def configure_optimizers(self):
+        if self.optimizer_name == "sgd":
+            return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+        if self.optimizer_name == "adamw":
+            return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.1)
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+def loader(length: int = 32, batch_size: int = 4, seq_len: int = 16, seed: int = 0, pad: bool = True) -> DataLoader:
+    return DataLoader(RandomTokens(length, seq_len, seed, pad), batch_size=batch_size, shuffle=False)
+
+
+def fast_trainer(tmp_path, **kwargs) -> pl.Trainer:
+    """A CPU Trainer with the fast flags of Lightning's own tests."""
+    defaults = dict(default_root_dir=tmp_path, accelerator="cpu", devices=1, max_steps=4, logger=False,
+                    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                    num_sanity_val_steps=0, deterministic=True)
+    defaults.update(kwargs)
+    return pl.Trainer(**defaults)

@@ -1,0 +1,161 @@
+"""Pure tensor math of depth redundancy. No Lightning, no hooks, no state.
+
+Block Influence (ShortGPT, Men et al. 2024) of block i, with input ``x_i`` and output ``x_{i+1}``::
+
+    BI_i = 1 - E_t[cos(x_i,t, x_{i+1},t)]        over real (non-padding) tokens t
+
+Angular distance (Gromov et al. 2024) between the input of layer l and the output of layer l+n-1::
+
+    d(x^l, x^{l+n}) = arccos(cos(x^l, x^{l+n})) / pi
+
+Both are computed from unit vectors in fp32 (fp64 if given fp64) whatever the input dtype, with forms that stay
+accurate when the two vectors are almost parallel (the interesting case: redundant blocks have BI ~ 1e-3):
+``1 - cos = ||u - v||^2 / 2`` and ``angle = 2 atan2(||u - v||, ||u + v||)``.
+
+Tokens whose vectors are non-finite or zero are skipped and counted, so one overflow does not poison a run.
+
+Example:
+    >>> x = torch.randn(2, 5, 16)
+    >>> float(block_influence(x, x))  # a block that changes nothing
+    0.0
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "TokenStats",
+    "angular_distance",
+    "angular_distance_stats",
+    "angular_distances_from_hidden_states",
+    "block_influence",
+    "block_influence_from_hidden_states",
+    "block_influence_stats",
+    "select_tokens",
+]
+
+
+class TokenStats(NamedTuple):
+    """Sufficient statistics of a per-token score: the mean is ``total / count``; they add across batches and ranks."""
+
+    total: Tensor  # () float64: sum of the score over valid tokens
+    count: Tensor  # () float64: number of valid tokens
+    skipped: Tensor  # () float64: tokens inside the mask skipped because a vector was non-finite or zero
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def select_tokens(x: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Flatten ``x`` of shape ``(..., H)`` to ``(N, H)``, keeping only the positions where ``mask`` is true.
+
+    Args:
+        x: hidden states, ``(B, T, H)`` or any ``(..., H)``.
+        mask: ``(B, T)`` (or ``x.shape[:-1]``) attention mask, nonzero for real tokens; ``None`` keeps all.
+    """
+    if mask is None:
+        return x.reshape(-1, x.shape[-1])
+    if mask.shape != x.shape[:-1]:
+        raise ValueError(f"`mask` must have shape {tuple(x.shape[:-1])} (x without its last dim), got {tuple(mask.shape)}.")
+    return x[mask.to(device=x.device, dtype=torch.bool)]
+
+
+def _unit_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Unit vectors of the rows of ``x`` (N, H) in fp32/fp64 and a (N,) bool of rows that are finite and nonzero."""
+    x = x.to(_compute_dtype(x))
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)  # (N, 1)
+    valid = torch.isfinite(x).all(dim=-1) & (norm.squeeze(-1) > 0) & torch.isfinite(norm.squeeze(-1))
+    unit = torch.where(valid.unsqueeze(-1), x / norm.clamp_min(torch.finfo(x.dtype).tiny), torch.zeros_like(x))
+    return unit, valid
+
+
+def _pairs(first: Tensor, second: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if first.shape != second.shape:
+        raise ValueError(f"inputs and outputs must have the same shape, got {tuple(first.shape)} and {tuple(second.shape)}.")
+    u, valid_u = _unit_rows(select_tokens(first, mask))
+    v, valid_v = _unit_rows(select_tokens(second, mask))
+    valid = valid_u & valid_v
+    return u, v, valid, (~valid).sum()
+
+
+def block_influence_stats(inputs: Tensor, outputs: Tensor, mask: Tensor | None = None) -> TokenStats:
+    """Sum over valid tokens of ``1 - cos(input, output)``, the token count and the skipped count.
+
+    Args:
+        inputs: hidden state entering the block, ``(B, T, H)`` (any float dtype).
+        outputs: hidden state leaving the block, same shape.
+        mask: ``(B, T)`` attention mask (nonzero = real token) or ``None`` for all tokens.
+    """
+    u, v, valid, skipped = _pairs(inputs, outputs, mask)
+    one_minus_cos = 0.5 * (u - v).pow(2).sum(dim=-1)  # (N,): = 1 - cos, accurate near cos = 1
+    total = torch.where(valid, one_minus_cos, torch.zeros_like(one_minus_cos)).sum(dtype=torch.float64)
+    return TokenStats(total, valid.sum(dtype=torch.float64), skipped.to(torch.float64))
+
+
+def angular_distance_stats(first: Tensor, last: Tensor, mask: Tensor | None = None) -> TokenStats:
+    """Sum over valid tokens of ``arccos(cos(first, last)) / pi``, the token count and the skipped count."""
+    u, v, valid, skipped = _pairs(first, last, mask)
+    angle = 2 * torch.atan2(torch.linalg.vector_norm(u - v, dim=-1), torch.linalg.vector_norm(u + v, dim=-1))
+    total = torch.where(valid, angle / math.pi, torch.zeros_like(angle)).sum(dtype=torch.float64)
+    return TokenStats(total, valid.sum(dtype=torch.float64), skipped.to(torch.float64))
+
+
+def _mean(stats: TokenStats) -> Tensor:
+    return stats.total / stats.count if stats.count > 0 else torch.tensor(float("nan"), dtype=torch.float64)
+
+
+def block_influence(inputs: Tensor, outputs: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Block Influence ``1 - mean_t cos(inputs_t, outputs_t)`` over real tokens, as a float64 scalar.
+
+    NaN when no token is valid.
+
+    Example:
+        >>> x = torch.randn(1, 4, 8)
+        >>> bool(torch.isclose(block_influence(x, -x), torch.tensor(2.0, dtype=torch.float64)))
+        True
+    """
+    return _mean(block_influence_stats(inputs, outputs, mask))
+
+
+def angular_distance(first: Tensor, last: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Gromov's angular distance ``mean_t arccos(cos(first_t, last_t)) / pi`` in [0, 1], as a float64 scalar."""
+    return _mean(angular_distance_stats(first, last, mask))
+
+
+def _check_hidden_states(hidden_states: Sequence[Tensor]) -> None:
+    if len(hidden_states) < 2:
+        raise ValueError(f"`hidden_states` needs the input of the first block and at least one output, got {len(hidden_states)}.")
+
+
+def block_influence_from_hidden_states(hidden_states: Sequence[Tensor], mask: Tensor | None = None) -> Tensor:
+    """BI of every block from the L+1 residual-stream states ``[x_0 (input of block 0), ..., x_L]``: shape ``(L,)``.
+
+    A reference implementation (it needs all states in memory); training code uses hooks instead.
+    Mind that HF ``output_hidden_states`` applies the final norm to its last entry, so its last BI is not the
+    last block's.
+    """
+    _check_hidden_states(hidden_states)
+    return torch.stack([block_influence(a, b, mask) for a, b in zip(hidden_states[:-1], hidden_states[1:])])
+
+
+def angular_distances_from_hidden_states(
+    hidden_states: Sequence[Tensor], block_size: int, mask: Tensor | None = None
+) -> Tensor:
+    """Angular distance between the input of block l and the output of block l+n-1 for every l: ``(L - n + 1,)``.
+
+    The contiguous run of ``n = block_size`` blocks starting at ``argmin`` is the one to drop (Gromov et al.).
+    """
+    _check_hidden_states(hidden_states)
+    num_layers = len(hidden_states) - 1
+    if not isinstance(block_size, int) or not 1 <= block_size <= num_layers:
+        raise ValueError(f"`block_size` must be an int in [1, {num_layers}], got {block_size!r}.")
+    return torch.stack(
+        [angular_distance(hidden_states[l], hidden_states[l + block_size], mask) for l in range(num_layers - block_size + 1)]
+    )

@@ -1,0 +1,103 @@
+"""Offline measurement, outside any Trainer: Block Influence of every block over a few batches.
+
+Example:
+    >>> from lp_callbacks import block_influence
+    >>> bi = block_influence(model, [{"input_ids": ids, "attention_mask": mask}])  # doctest: +SKIP
+    >>> bi.shape                                                                   # doctest: +SKIP
+    torch.Size([30])
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from lp_callbacks.recorder import BlockInfluenceRecorder
+
+__all__ = ["DepthMeasurement", "block_influence", "measure_depth"]
+
+
+@dataclass
+class DepthMeasurement:
+    """What one pass over calibration batches measured, in the model's current layer numbering."""
+
+    block_influence: Tensor  # (L,) float64
+    angular_distances: dict[int, Tensor] = field(default_factory=dict)  # n -> (L - n + 1,) float64
+    tokens: int = 0
+    skipped_tokens: int = 0
+
+
+def _check_max_batches(max_batches: int | None) -> None:
+    if max_batches is not None and (not isinstance(max_batches, int) or isinstance(max_batches, bool) or max_batches < 1):
+        raise ValueError(f"`max_batches` must be a positive int or None, got {max_batches!r}.")
+
+
+def _model_inputs(batch: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    if not isinstance(batch, Mapping) or "input_ids" not in batch:
+        found = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
+        raise TypeError(f"each batch must be a dict with 'input_ids' (and optionally 'attention_mask'), got {found}.")
+    inputs = {"input_ids": batch["input_ids"].to(device)}
+    if batch.get("attention_mask") is not None:
+        inputs["attention_mask"] = batch["attention_mask"].to(device)
+    return inputs
+
+
+def measure_depth(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Tensor]],
+    max_batches: int | None = None,
+    block_sizes: Iterable[int] = (),
+    layers_path: str | None = None,
+    max_tokens_per_batch: int | None = None,
+) -> DepthMeasurement:
+    """Run ``model`` on ``batches`` (no grad, eval mode, no KV cache) and measure every block.
+
+    Args:
+        model: an HF causal LM (or a module holding one).
+        batches: dicts with ``input_ids`` ``(B, T)`` and optionally ``attention_mask`` ``(B, T)``.
+        max_batches: stop after this many batches.
+        block_sizes: also measure Gromov's angular distance over these numbers of contiguous blocks.
+        layers_path: dotted path of the block list, for custom models.
+        max_tokens_per_batch: token budget per batch (evenly spaced real tokens), ``None`` for all.
+
+    Peak memory stays that of a plain inference forward: hooks reduce each block's output to a few scalars
+    as the forward goes, and no list of hidden states is kept.
+    """
+    _check_max_batches(max_batches)
+    recorder = BlockInfluenceRecorder(model, layers_path, block_sizes, max_tokens_per_batch)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with recorder.recording(), torch.no_grad():
+            for batch in itertools.islice(batches, max_batches):
+                model(**_model_inputs(batch, device), use_cache=False)
+        metric = recorder.block_influence
+        if not bool((metric.count > 0).any()):
+            raise ValueError("`batches` produced no token to measure (empty iterable or all-padding masks).")
+        return DepthMeasurement(
+            block_influence=metric.compute().cpu(),
+            angular_distances={n: m.compute().cpu() for n, m in recorder.angular.items()},
+            tokens=int(metric.count.max()),
+            skipped_tokens=int(metric.skipped.max()),
+        )
+    finally:
+        recorder.detach()
+        model.train(was_training)
+
+
+def block_influence(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Tensor]],
+    max_batches: int | None = None,
+    layers_path: str | None = None,
+) -> Tensor:
+    """Block Influence of every decoder block of ``model`` over ``batches``: ``(num_layers,)`` float64 on CPU.
+
+    See :func:`measure_depth` for the arguments.
+    """
+    return measure_depth(model, batches, max_batches, layers_path=layers_path).block_influence

@@ -1,0 +1,197 @@
+"""Forward hooks that feed the decoder blocks' inputs and outputs into the metrics, as the model runs.
+
+One recorder per model: :class:`~lp_callbacks.callbacks.BlockInfluenceMonitor` owns one, and other callbacks read
+the monitor instead of hooking the model again.
+
+Why hooks and not ``output_hidden_states``: the hooks see each block's true input and output (HF applies the
+final norm to the last hidden state), keep no list of L+1 states alive, and work on any forward: the training
+step itself, so measuring costs no extra pass.
+
+Example:
+    >>> recorder = BlockInfluenceRecorder(model)      # doctest: +SKIP
+    >>> with recorder.recording(), torch.no_grad():   # doctest: +SKIP
+    ...     model(**batch)
+    >>> recorder.block_influence.compute()             # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from lp_callbacks.architectures import get_decoder_layers, get_layers_owner
+from lp_callbacks.metrics import AngularDistance, BlockInfluence
+
+__all__ = ["BlockInfluenceRecorder"]
+
+
+def _hidden_from_args(args: tuple, kwargs: dict[str, Any]) -> Tensor | None:
+    if args and isinstance(args[0], Tensor):
+        return args[0]
+    value = kwargs.get("hidden_states")
+    return value if isinstance(value, Tensor) else None
+
+
+def _hidden_from_output(output: Any) -> Tensor | None:
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    value = getattr(output, "hidden_states", None) or getattr(output, "last_hidden_state", None)
+    return value if isinstance(value, Tensor) else None
+
+
+class BlockInfluenceRecorder:
+    """Hooks the decoder blocks of ``model`` and accumulates BI (and angular distances) while :attr:`enabled`.
+
+    Args:
+        model: an HF model or any module holding one.
+        layers_path: explicit dotted path of the block ``ModuleList`` for custom models.
+        block_sizes: the ``n`` values for which angular distances are tracked (``()`` for none).
+        max_tokens_per_forward: keep at most this many real tokens per forward (evenly spaced, deterministic,
+            no RNG consumed); ``None`` keeps all.
+
+    Each forward of the blocks' owner counts once per block: the recomputation of gradient checkpointing during
+    backward is recognised (same forward, block already seen) and ignored.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers_path: str | None = None,
+        block_sizes: Iterable[int] = (),
+        max_tokens_per_forward: int | None = None,
+    ) -> None:
+        self.model = model
+        self.layers_path = layers_path
+        self.block_sizes = tuple(sorted(set(block_sizes)))
+        self.max_tokens_per_forward = max_tokens_per_forward
+        self.enabled = False
+        self._handles: list[RemovableHandle] = []
+        self._mask: Tensor | None = None
+        self._positions: Tensor | None = None
+        self._positions_ready = False
+        self._seen: set[int] = set()
+        self._inputs: dict[int, Tensor] = {}
+        self._warned_mask = False
+        self.attach()
+
+    # ---------------------------------------------------------------- hooks lifecycle
+    def attach(self) -> None:
+        """(Re)hook the current block list and start fresh metrics sized to it (call after layers change)."""
+        self.detach()
+        layers = get_decoder_layers(self.model, self.layers_path)
+        owner = get_layers_owner(self.model, self.layers_path)
+        self.num_layers = len(layers)
+        device = next((p.device for p in layers.parameters()), torch.device("cpu"))
+        self.block_influence = BlockInfluence(self.num_layers, sync_on_compute=True).to(device)
+        self.angular = {
+            n: AngularDistance(self.num_layers, n, sync_on_compute=True).to(device)
+            for n in self.block_sizes
+            if n <= self.num_layers
+        }
+        self._handles.append(owner.register_forward_pre_hook(self._on_owner_forward, with_kwargs=True))
+        for index, layer in enumerate(layers):
+            self._handles.append(layer.register_forward_hook(self._layer_hook(index), with_kwargs=True))
+
+    def detach(self) -> None:
+        """Remove every hook (the model runs exactly as without the recorder)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._inputs = {}
+
+    def reset(self) -> None:
+        """Zero the accumulated statistics, keep the hooks."""
+        self.block_influence.reset()
+        for metric in self.angular.values():
+            metric.reset()
+
+    def add_block_size(self, block_size: int) -> None:
+        """Also track angular distances over ``block_size`` contiguous blocks (from now on)."""
+        if block_size in self.block_sizes:
+            return
+        self.block_sizes = tuple(sorted({*self.block_sizes, block_size}))
+        if block_size <= self.num_layers:
+            device = self.block_influence.total.device
+            self.angular[block_size] = AngularDistance(self.num_layers, block_size, sync_on_compute=True).to(device)
+
+    @contextlib.contextmanager
+    def recording(self, enabled: bool = True) -> Iterator[BlockInfluenceRecorder]:
+        """Context in which forwards are recorded."""
+        previous, self.enabled = self.enabled, enabled
+        try:
+            yield self
+        finally:
+            self.enabled = previous
+
+    # ---------------------------------------------------------------- hook bodies
+    def _on_owner_forward(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        # A new forward of the model: blocks may count again. Gradient checkpointing recomputes blocks during
+        # backward without a new owner forward, so those recomputations are skipped as already seen.
+        self._seen = set()
+        self._inputs = {}
+        mask = kwargs.get("attention_mask")
+        if mask is None and len(args) > 1 and isinstance(args[1], Tensor):
+            mask = args[1]  # HF convention: forward(input_ids, attention_mask, ...)
+        self._mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
+        if isinstance(mask, Tensor) and mask.dim() != 2 and not self._warned_mask:
+            rank_zero_warn(f"BlockInfluenceRecorder: ignoring a {mask.dim()}-D attention mask; all tokens are used.")
+            self._warned_mask = True
+        self._positions = None
+        self._positions_ready = False
+
+    def _token_positions(self, hidden: Tensor) -> Tensor | None:
+        """Flat indices of the tokens to use in this forward, computed once per forward."""
+        if self._positions_ready:
+            return self._positions
+        batch_shape = hidden.shape[:-1]
+        mask = self._mask
+        if mask is not None and tuple(mask.shape) != tuple(batch_shape):
+            # e.g. generation with a KV cache: the mask covers past tokens too; keep the current ones.
+            mask = mask[..., -batch_shape[-1] :] if mask.shape[:-1] == batch_shape[:-1] else None
+        positions = None
+        if mask is not None:
+            positions = mask.reshape(-1).nonzero().squeeze(-1).to(hidden.device)
+        budget = self.max_tokens_per_forward
+        if budget is not None:
+            total = positions.numel() if positions is not None else batch_shape.numel()
+            if total > budget:
+                chosen = torch.linspace(0, total - 1, budget, device=hidden.device).round().long()
+                positions = chosen if positions is None else positions[chosen]
+        self._positions, self._positions_ready = positions, True
+        return positions
+
+    def _rows(self, hidden: Tensor, positions: Tensor | None) -> Tensor:
+        flat = hidden.detach().reshape(-1, hidden.shape[-1])  # (B*T, H)
+        return flat if positions is None else flat.index_select(0, positions)  # (N, H)
+
+    def _layer_hook(self, index: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+            if not self.enabled or index in self._seen:
+                return
+            inputs, outputs = _hidden_from_args(args, kwargs), _hidden_from_output(output)
+            if inputs is None or outputs is None or inputs.shape != outputs.shape:
+                return
+            self._seen.add(index)
+            with torch.no_grad():
+                positions = self._token_positions(inputs)
+                rows_in, rows_out = self._rows(inputs, positions), self._rows(outputs, positions)
+                self.block_influence.update(index, rows_in, rows_out)
+                if self.angular:
+                    self._inputs[index] = rows_in
+                    for n, metric in self.angular.items():
+                        first = index - n + 1
+                        if first in self._inputs:
+                            metric.update(first, self._inputs[first], rows_out)
+                    self._inputs.pop(index - self.block_sizes[-1] + 1, None)
+
+        return hook
