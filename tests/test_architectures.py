@@ -1,0 +1,67 @@
+import pytest
+import torch
+from torch import nn
+
+from conftest import FAMILIES, LAYERS, TinyLM, tiny_model
+from lp_callbacks.architectures import ARCHITECTURES, find_hf_model, get_decoder_layers, get_layers_owner
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_found(family):
+    model = tiny_model(family)
+    layers = get_decoder_layers(model)
+    assert isinstance(layers, nn.ModuleList) and len(layers) == LAYERS
+    assert model.config.model_type in ARCHITECTURES
+    # the owner's forward is the one that receives the 2-D attention mask
+    assert any(layers is child for child in get_layers_owner(model).children()) or layers in get_layers_owner(model).modules()
+
+
+def test_base_model_without_head():
+    base = tiny_model("llama").model  # LlamaModel
+    assert get_decoder_layers(base) is base.layers
+
+
+def test_seen_through_lightning_module_compile_and_peft():
+    module = TinyLM()
+    expected = module.model.model.layers
+    assert get_decoder_layers(module) is expected
+    assert get_decoder_layers(torch.compile(module.model)) is expected  # OptimizedModule._orig_mod
+    peft = pytest.importorskip("peft")
+    lora = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    layers = get_decoder_layers(lora)
+    assert len(layers) == LAYERS and layers is lora.base_model.model.model.layers
+    assert find_hf_model(lora) is lora.base_model.model
+
+
+class Custom(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Module()
+        self.backbone.blocks = nn.ModuleList([nn.Linear(4, 4) for _ in range(3)])
+
+
+def test_explicit_path_for_custom_models():
+    model = Custom()
+    assert get_decoder_layers(model, layers_path="backbone.blocks") is model.backbone.blocks
+
+
+def test_unknown_model_error_names_what_was_searched():
+    with pytest.raises(ValueError, match=r"Could not find the decoder layers of Custom \(no HF config\): searched \['model.layers'.*layers_path"):
+        get_decoder_layers(Custom())
+
+
+@pytest.mark.parametrize(
+    ("path", "match"),
+    [("backbone.nope", "does not name a torch.nn.ModuleList"), ("", "non-empty dotted attribute path")],
+    ids=["missing", "empty-string"],
+)
+def test_bad_layers_path(path, match):
+    with pytest.raises(ValueError, match=match):
+        get_decoder_layers(Custom(), layers_path=path)
+
+
+def test_model_with_no_decoder_layers():
+    model = tiny_model("llama")
+    model.model.layers = nn.ModuleList()
+    with pytest.raises(ValueError, match="has no decoder layers"):
+        get_decoder_layers(model)

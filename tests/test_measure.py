@@ -1,0 +1,94 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import FAMILIES, LAYERS, random_batch, tiny_model
+from lp_callbacks import block_influence, get_decoder_layers, measure_depth
+
+
+def reference_bi(model, batch):
+    """A plain, independent implementation: capture each block's input/output, textbook cosine in fp64."""
+    captured = []
+    handles = [
+        layer.register_forward_hook(
+            lambda m, args, kwargs, out: captured.append(
+                (args[0] if args else kwargs["hidden_states"], out[0] if isinstance(out, tuple) else out)
+            ),
+            with_kwargs=True,
+        )
+        for layer in get_decoder_layers(model)
+    ]
+    with torch.no_grad():
+        model(**batch)
+    for h in handles:
+        h.remove()
+    mask = batch["attention_mask"].bool()
+    return torch.stack(
+        [1 - F.cosine_similarity(x.double(), y.double(), dim=-1)[mask].mean() for x, y in captured]
+    )
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_matches_reference_for_every_family(family):
+    model = tiny_model(family)
+    batch = random_batch(3, 12)
+    batch["attention_mask"][1, 8:] = 0
+    bi = block_influence(model, [batch])
+    assert bi.shape == (LAYERS,) and bi.dtype == torch.float64
+    torch.testing.assert_close(bi, reference_bi(model, batch), atol=1e-6, rtol=0)
+
+
+def test_multiple_batches_and_max_batches():
+    model = tiny_model("llama")
+    batches = [random_batch(2, 8, seed=s) for s in range(3)]
+    two = measure_depth(model, batches, max_batches=2)
+    merged = {k: torch.cat([b[k] for b in batches[:2]]) for k in batches[0]}
+    torch.testing.assert_close(two.block_influence, block_influence(model, [merged]), atol=1e-7, rtol=0)
+    assert two.tokens == 32
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padded_batch_equals_unpadded(side):
+    model = tiny_model("llama")  # RoPE is relative: real tokens see the same thing with or without pads
+    short, long = torch.randint(1, 128, (1, 5)), torch.randint(1, 128, (1, 9))
+    unpadded = block_influence(model, [{"input_ids": short}, {"input_ids": long}])
+    pads = torch.zeros(1, 4, dtype=torch.long)
+    ids = torch.cat([short, pads], 1) if side == "right" else torch.cat([pads, short], 1)
+    mask = (ids != 0).long()
+    padded = {"input_ids": torch.cat([ids, long]), "attention_mask": torch.cat([mask, torch.ones_like(long)])}
+    torch.testing.assert_close(block_influence(model, [padded]), unpadded, atol=1e-5, rtol=0)
+
+
+def test_angular_distances_and_token_budget():
+    model = tiny_model("llama")
+    batch = random_batch(2, 16)
+    full = measure_depth(model, [batch], block_sizes=(1, 3))
+    assert full.angular_distances[3].shape == (LAYERS - 2,)
+    assert ((full.angular_distances[1] >= 0) & (full.angular_distances[1] <= 1)).all()
+    budget = measure_depth(model, [batch], max_tokens_per_batch=8)
+    assert budget.tokens == 8
+    assert (budget.block_influence - full.block_influence).abs().max() < 0.05
+
+
+def test_model_left_as_found():
+    model = tiny_model("llama").train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    block_influence(model, [random_batch()])
+    assert model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(not layer._forward_hooks for layer in get_decoder_layers(model))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"max_batches": 0}, ValueError, r"`max_batches` must be a positive int or None, got 0"),
+        ({"batches": [torch.ones(2, 3)]}, TypeError, r"each batch must be a dict with 'input_ids'"),
+        ({"batches": []}, ValueError, "produced no token"),
+    ],
+    ids=["max_batches", "not-a-dict", "empty"],
+)
+def test_bad_input(kwargs, error, match):
+    args = {"batches": [random_batch()], **kwargs}
+    with pytest.raises(error, match=match):
+        block_influence(tiny_model("llama"), **args)
