@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from lp_callbacks.architectures import get_layers_owner
 from lp_callbacks.recorder import BlockInfluenceRecorder
 
 __all__ = ["DepthMeasurement", "block_influence", "measure_depth"]
@@ -46,6 +47,14 @@ def _model_inputs(batch: Mapping[str, Tensor], device: torch.device) -> dict[str
     return inputs
 
 
+def _runner(model: nn.Module, layers_path: str | None) -> nn.Module:
+    """The blocks' owner when it is an HF base model (it takes ``input_ids``), else the whole model."""
+    from transformers import PreTrainedModel
+
+    owner = get_layers_owner(model, layers_path)
+    return owner if isinstance(owner, PreTrainedModel) or hasattr(owner, "embed_tokens") else model
+
+
 def measure_depth(
     model: nn.Module,
     batches: Iterable[Mapping[str, Tensor]],
@@ -65,17 +74,19 @@ def measure_depth(
         max_tokens_per_batch: token budget per batch (evenly spaced real tokens), ``None`` for all.
 
     Peak memory stays that of a plain inference forward: hooks reduce each block's output to a few scalars
-    as the forward goes, and no list of hidden states is kept.
+    as the forward goes, and no list of hidden states is kept. Only the module that runs the blocks is called
+    (``LlamaModel``, not ``LlamaForCausalLM``), so no LM head and no ``(B, T, vocab)`` logits are computed.
     """
     _check_max_batches(max_batches)
     recorder = BlockInfluenceRecorder(model, layers_path, block_sizes, max_tokens_per_batch)
     device = next(model.parameters()).device
+    runner = _runner(model, layers_path)
     was_training = model.training
     model.eval()
     try:
         with recorder.recording(), torch.no_grad():
             for batch in itertools.islice(batches, max_batches):
-                model(**_model_inputs(batch, device), use_cache=False)
+                runner(**_model_inputs(batch, device), use_cache=False)
         metric = recorder.block_influence
         if not bool((metric.count > 0).any()):
             raise ValueError("`batches` produced no token to measure (empty iterable or all-padding masks).")
