@@ -272,6 +272,7 @@ def _write_cache_atomically(
         )
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}.tmp-", dir=cache.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private (0700); the renamed cache should read like any directory
     old: Path | None = None
     try:
         model.save_pretrained(tmp)
