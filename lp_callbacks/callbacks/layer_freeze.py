@@ -1,0 +1,651 @@
+"""``LayerFreezeCallback``: domain adaptation with the most important decoder blocks frozen.
+
+Freeze the blocks with the highest Block Influence (the ones the model relies on most), train only the low-BI
+ones, so new knowledge lands in redundant capacity, less is forgotten and the optimizer holds less state.
+
+Example:
+    >>> freeze = LayerFreezeCallback(fraction_frozen=0.5, warmup_steps=20)  # BI from 20 training steps
+    >>> trainer = pl.Trainer(callbacks=[BlockInfluenceMonitor(), freeze], max_steps=500)  # doctest: +SKIP
+    >>> trainer.fit(module, datamodule)  # doctest: +SKIP
+    >>> freeze.record["frozen_blocks"]  # doctest: +SKIP
+    [0, 1, 2, 27, 28, 29, ...]
+"""
+
+from __future__ import annotations
+
+import difflib
+import gc
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from lp_callbacks.architectures import find_hf_model, get_decoder_layers, get_layers_owner
+from lp_callbacks.callbacks.block_influence import BlockInfluenceMonitor, find_monitor
+from lp_callbacks.measure import measure_depth
+
+__all__ = ["LayerFreezeCallback"]
+
+_AMOUNTS = ("num_trainable", "fraction_trainable", "num_frozen", "fraction_frozen")
+_PROTECTED = ("embeddings", "lm_head", "final_norm")
+_UNSUPPORTED_STRATEGIES = ("DeepSpeedStrategy", "FSDPStrategy", "ModelParallelStrategy")
+
+
+# ==================================================================================================== validation
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be True or False, got {value!r}.")
+
+
+def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
+    if allow_none and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        extra = " or None" if allow_none else ""
+        raise ValueError(f"`{name}` must be an int >= {minimum}{extra}, got {value!r}.")
+
+
+def _check_amount(amounts: Mapping[str, Any]) -> tuple[str, int | float]:
+    given = {name: value for name, value in amounts.items() if value is not None}
+    if len(given) != 1:
+        raise ValueError(
+            f"Pass exactly one of {', '.join(f'`{n}`' for n in _AMOUNTS)} (how many blocks to freeze),"
+            f" got {given or 'none'}."
+        )
+    (name, value), = given.items()
+    if name.startswith("num_"):
+        _check_int(name, value, 1)
+    elif isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise ValueError(f"`{name}` must be a float in the open interval (0, 1), got {value!r}.")
+    return name, value
+
+
+def _check_scores(scores: Any) -> Tensor | None:
+    if scores is None:
+        return None
+    try:
+        values = torch.as_tensor(scores, dtype=torch.float64).detach().cpu().clone()
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(
+            f"`scores` must be a 1-D list or tensor of numbers (one per decoder block), got {scores!r}."
+        ) from None
+    if values.dim() != 1 or values.numel() == 0:
+        raise ValueError(f"`scores` must be 1-D with one number per decoder block, got shape {tuple(values.shape)}.")
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError(f"`scores` must be finite, got {values.tolist()}.")
+    return values
+
+
+def _count_frozen(mode: str, amount: int | float, num_layers: int) -> int:
+    """How many of ``num_layers`` blocks to freeze; raises when that is all of them or more than exist."""
+    if mode == "num_frozen":
+        frozen = int(amount)
+    elif mode == "num_trainable":
+        if amount > num_layers:
+            raise ValueError(
+                f"`num_trainable` must be in [1, {num_layers}] (the model has {num_layers} decoder blocks),"
+                f" got {amount}."
+            )
+        frozen = num_layers - int(amount)
+    elif mode == "fraction_frozen":
+        frozen = math.floor(amount * num_layers + 0.5)
+    else:
+        frozen = num_layers - math.floor(amount * num_layers + 0.5)
+    if frozen >= num_layers:
+        raise ValueError(
+            f"`{mode}={amount!r}` would freeze {frozen} of the model's {num_layers} decoder blocks: at least one block"
+            f" must stay trainable (freeze at most {num_layers - 1})."
+        )
+    if frozen == 0:
+        rank_zero_warn(f"LayerFreezeCallback: `{mode}={amount!r}` of {num_layers} decoder blocks freezes none of them.")
+    return frozen
+
+
+def _check_strategy(trainer: pl.Trainer) -> None:
+    name = type(trainer.strategy).__name__
+    if any(cls.__name__ in _UNSUPPORTED_STRATEGIES for cls in type(trainer.strategy).__mro__):
+        raise ValueError(
+            f"LayerFreezeCallback does not support the {name} strategy (it shards parameters and their optimizer"
+            " state). Supported: single device, DDP (`strategy='ddp'` and its variants)."
+        )
+
+
+def _check_schedule(trainer: pl.Trainer, warmup_steps: int) -> None:
+    if warmup_steps and trainer.max_steps is not None and trainer.max_steps > 0 and warmup_steps >= trainer.max_steps:
+        raise ValueError(
+            f"`warmup_steps` must be smaller than the Trainer's max_steps={trainer.max_steps} (the blocks are frozen"
+            f" when the warm-up ends), got {warmup_steps}."
+        )
+
+
+# ==================================================================================================== model helpers
+def _params(modules: Iterable[nn.Module]) -> list[nn.Parameter]:
+    seen: dict[int, nn.Parameter] = {}
+    for module in modules:
+        for param in module.parameters():
+            seen.setdefault(id(param), param)
+    return list(seen.values())
+
+
+def _find_final_norm(owner: nn.Module, layers: nn.ModuleList) -> list[tuple[str, nn.Module]]:
+    """Direct children of the block owner that look like a normalisation (``norm``, ``ln_f``, ``final_layernorm``)."""
+    found = []
+    for name, child in owner.named_children():
+        if child is layers or not any(True for _ in child.parameters()):
+            continue
+        if "norm" in name.lower() or name == "ln_f" or "norm" in type(child).__name__.lower():
+            found.append((name, child))
+    return found
+
+
+def _resolve_protected(
+    hf: nn.Module, owner: nn.Module, layers: nn.ModuleList, flags: Mapping[str, bool]
+) -> dict[str, list[nn.Module]]:
+    """The modules frozen whatever BI says: embeddings, LM head and final norm, each when its flag is on."""
+    out: dict[str, list[nn.Module]] = {}
+    owner_name = type(owner).__name__
+    if flags["embeddings"]:
+        getter = getattr(hf, "get_input_embeddings", None)
+        try:
+            embedding = getter() if callable(getter) else None
+        except NotImplementedError:
+            embedding = None
+        if embedding is None:
+            raise ValueError(
+                f"`freeze_embeddings=True` but {type(hf).__name__}.get_input_embeddings() finds no input embedding."
+                " Pass freeze_embeddings=False, or name the module in `also_freeze`."
+            )
+        # learned position embeddings (GPT-2 `wpe`, OPT `embed_positions`) are embeddings too
+        extra = [c for c in owner.children() if isinstance(c, nn.Embedding) and c is not embedding]
+        out["embeddings"] = [embedding, *extra]
+    if flags["lm_head"]:
+        getter = getattr(hf, "get_output_embeddings", None)
+        head = getter() if callable(getter) else None
+        if head is None:
+            raise ValueError(
+                f"`freeze_lm_head=True` but {type(hf).__name__}.get_output_embeddings() returned None: no LM head"
+                " found. Pass freeze_lm_head=False, or name your head module in `also_freeze`."
+            )
+        out["lm_head"] = [head]
+    if flags["final_norm"]:
+        norms = _find_final_norm(owner, layers)
+        if not norms:
+            children = [name for name, _ in owner.named_children()]
+            raise ValueError(
+                f"`freeze_final_norm=True` but {owner_name} (the module that runs the decoder blocks) has no child"
+                f" that looks like a final norm; its children are {children}. Pass freeze_final_norm=False, or name"
+                " the module in `also_freeze`."
+            )
+        out["final_norm"] = [module for _, module in norms]
+    return out
+
+
+def _resolve_names(hf: nn.Module, pl_module: nn.Module, names: Sequence[str]) -> list[nn.Module]:
+    """Modules named in ``also_freeze``, relative to the HF model (or else to the LightningModule)."""
+    modules = []
+    for name in names:
+        module = None
+        for root in (hf, pl_module):
+            try:
+                module = root.get_submodule(name)
+                break
+            except AttributeError:
+                continue
+        if module is None:
+            known = [n for n, _ in hf.named_modules() if n]
+            close = difflib.get_close_matches(name, known, n=3)
+            hint = f" Did you mean {close}?" if close else f" Top-level modules: {[n for n, _ in hf.named_children()]}."
+            raise ValueError(
+                f"`also_freeze` names {name!r}, which is not a submodule of {type(hf).__name__} nor of"
+                f" {type(pl_module).__name__}.{hint}"
+            )
+        modules.append(module)
+    return modules
+
+
+def _optimizer_state_bytes(optimizers: Iterable[torch.optim.Optimizer]) -> int:
+    total = 0
+    for optimizer in optimizers:
+        for state in optimizer.state.values():
+            for value in state.values():
+                if isinstance(value, Tensor):
+                    total += value.numel() * value.element_size()
+    return total
+
+
+def _select_frozen(scores: Tensor, count: int) -> list[int]:
+    """The ``count`` blocks with the highest score (ties: lower index first); NaN counts as highest."""
+    values = scores.double().clone()
+    missing = torch.isnan(values)
+    if bool(missing.any()):
+        rank_zero_warn(
+            f"LayerFreezeCallback: no BI for blocks {missing.nonzero().flatten().tolist()}; they count as the most"
+            " important (frozen first)."
+        )
+        values[missing] = math.inf
+    order = sorted(range(len(values)), key=lambda i: (-float(values[i]), i))
+    return sorted(order[:count])
+
+
+def _uses_checkpointing(model: nn.Module) -> bool:
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # new HF name first (no warning)
+        if hasattr(type(model), name):
+            return bool(getattr(model, name))
+    return False
+
+
+def _rebuild_ddp(trainer: pl.Trainer) -> None:
+    """Wrap the LightningModule in a fresh ``DistributedDataParallel`` so its reducer sees the new trainable set.
+
+    DDP decides at construction which parameters it all-reduces: one frozen afterwards would never be marked ready
+    ("Expected to have finished reduction" errors), one unfrozen afterwards would silently diverge across ranks.
+    ``DDPStrategy.configure_ddp`` is the strategy's own (public) way of wrapping; it keeps the user's DDP kwargs.
+    """
+    strategy = trainer.strategy
+    if not isinstance(strategy.model, DistributedDataParallel):
+        return
+    configure_ddp = getattr(strategy, "configure_ddp", None)
+    if not callable(configure_ddp):
+        raise RuntimeError(
+            f"LayerFreezeCallback cannot rewrap the model for {type(strategy).__name__}: it has no configure_ddp()."
+        )
+    strategy.model = strategy.lightning_module
+    configure_ddp()
+    gc.collect()  # free the old wrapper's gradient buckets now
+
+
+# ==================================================================================================== the callback
+class LayerFreezeCallback(Callback):
+    r"""Freeze the decoder blocks with the highest Block Influence and train only the others.
+
+    *Which* blocks: the ``k`` highest-BI ones, with ``k`` given by exactly one of ``num_frozen`` /
+    ``fraction_frozen`` or, equivalently, ``num_trainable`` / ``fraction_trainable`` (that many lowest-BI blocks stay
+    trainable). BI comes from one of: ``scores`` (one number per block, e.g. saved by an earlier run), a
+    ``calibration_dataloader`` measured at fit start, or the :class:`BlockInfluenceMonitor` over the first
+    ``warmup_steps`` training steps (a default monitor is added when the Trainer has none).
+
+    *When*: at fit start (``scores`` or ``calibration_dataloader``) or right after optimizer step ``warmup_steps``;
+    with ``reevaluate_every_n_steps`` the choice is made again from the monitor's current BI every that many steps
+    (blocks leaving the frozen set train again with fresh optimizer state, in their original param group).
+
+    *Effect*: frozen parameters get ``requires_grad=False`` and are removed in place from the optimizers'
+    ``param_groups`` and ``state`` (no momentum, no weight decay can move them, their state memory is released);
+    trainable parameters keep their state. The embeddings, LM head and final norm are frozen from fit start
+    unless their flags say otherwise; other parameters outside the blocks (e.g. a classifier head) are left as they
+    are. Under DDP all ranks freeze the set chosen on rank 0 and the DDP wrapper is rebuilt. With gradient
+    checkpointing and frozen embeddings, HF's ``enable_input_require_grads`` is turned on. The model stays frozen
+    after ``fit``.
+
+    *Record*: :attr:`record` (the current choice: blocks, scores, parameter counts, optimizer-state bytes) and
+    :attr:`history` (every choice) are logged as ``{prefix}/...`` and saved in checkpoints; resuming re-applies the
+    same frozen set before the optimizer state is loaded.
+
+    Args:
+        num_trainable: keep this many lowest-BI blocks trainable, freeze the rest.
+        fraction_trainable: in (0, 1): keep ``round(fraction * L)`` lowest-BI blocks trainable.
+        num_frozen: freeze this many highest-BI blocks.
+        fraction_frozen: in (0, 1): freeze ``round(fraction * L)`` highest-BI blocks.
+        scores: one importance score per decoder block (higher = more important = frozen first); a list or tensor.
+        warmup_steps: measure BI with the monitor over this many optimizer steps, then freeze.
+        calibration_dataloader: batches (dicts with ``input_ids``, optional ``attention_mask``) measured at fit
+            start when neither ``scores`` nor ``warmup_steps`` is given.
+        calibration_batches: at most this many calibration batches.
+        freeze_embeddings: freeze the input embeddings (and learned position embeddings).
+        freeze_lm_head: freeze the output embeddings (LM head). Tied to the input embeddings, the shared weight is
+            frozen when either flag is on.
+        freeze_final_norm: freeze the norm applied after the last block.
+        also_freeze: dotted names of further modules to keep frozen (relative to the HF model, or the LightningModule).
+        reevaluate_every_n_steps: re-pick the frozen set every N steps after the first choice (needs the monitor).
+        layers_path: dotted path of the decoder block ``ModuleList`` for custom models.
+        prefix: logged keys start with it, e.g. ``layer_freeze/trainable_params``.
+
+    Raises:
+        ValueError: for a bad argument, at construction; for one that depends on the model (a count that freezes
+            every block, ``scores`` of the wrong length, a module that does not exist), at fit start, before the
+            first training step.
+
+    Example:
+        >>> # scores from an earlier run: freeze the 15 most important of 30 blocks, right away
+        >>> freeze = LayerFreezeCallback(num_frozen=15, scores=previous_monitor.block_influence)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        *,
+        num_trainable: int | None = None,
+        fraction_trainable: float | None = None,
+        num_frozen: int | None = None,
+        fraction_frozen: float | None = None,
+        scores: Sequence[float] | Tensor | None = None,
+        warmup_steps: int = 0,
+        calibration_dataloader: Iterable[Mapping[str, Tensor]] | None = None,
+        calibration_batches: int | None = None,
+        freeze_embeddings: bool = True,
+        freeze_lm_head: bool = True,
+        freeze_final_norm: bool = True,
+        also_freeze: Sequence[str] = (),
+        reevaluate_every_n_steps: int | None = None,
+        layers_path: str | None = None,
+        prefix: str = "layer_freeze",
+    ) -> None:
+        self.mode, self.amount = _check_amount(
+            dict(num_trainable=num_trainable, fraction_trainable=fraction_trainable, num_frozen=num_frozen,
+                 fraction_frozen=fraction_frozen)
+        )
+        self.scores = _check_scores(scores)
+        _check_int("warmup_steps", warmup_steps, 0)
+        _check_int("calibration_batches", calibration_batches, 1, allow_none=True)
+        _check_int("reevaluate_every_n_steps", reevaluate_every_n_steps, 1, allow_none=True)
+        sources = [name for name, on in (("scores", self.scores is not None), ("calibration_dataloader",
+                   calibration_dataloader is not None), ("warmup_steps", warmup_steps > 0)) if on]
+        if len(sources) != 1:
+            raise ValueError(
+                "LayerFreezeCallback needs exactly one source of block importance: `scores=[...]` (one per block),"
+                " `calibration_dataloader=...` (measured at fit start) or `warmup_steps >= 1` (measured by the"
+                f" BlockInfluenceMonitor while training); got {sources or 'none'}."
+            )
+        for name, value in (("freeze_embeddings", freeze_embeddings), ("freeze_lm_head", freeze_lm_head),
+                            ("freeze_final_norm", freeze_final_norm)):
+            _check_bool(name, value)
+        if isinstance(also_freeze, str) or not all(isinstance(n, str) and n for n in also_freeze):
+            raise TypeError(f"`also_freeze` must be a list of dotted module names, got {also_freeze!r}.")
+        if not isinstance(prefix, str) or not prefix:
+            raise ValueError(f"`prefix` must be a non-empty string, got {prefix!r}.")
+        self.source = sources[0]
+        self.warmup_steps = warmup_steps
+        self.calibration_dataloader = calibration_dataloader
+        self.calibration_batches = calibration_batches
+        self.protect = {"embeddings": freeze_embeddings, "lm_head": freeze_lm_head, "final_norm": freeze_final_norm}
+        self.also_freeze = tuple(also_freeze)
+        self.reevaluate_every_n_steps = reevaluate_every_n_steps
+        self.layers_path = layers_path
+        self.prefix = prefix
+
+        # what is saved in checkpoints
+        self.frozen_blocks: list[int] | None = None  # None until the first choice
+        self.record: dict[str, Any] = {}
+        self.history: list[dict[str, Any]] = []
+        self._last_decision_step: int | None = None
+        self._restored_blocks: list[int] | None = None
+        # bound to one fit (on_fit_start)
+        self._monitor: BlockInfluenceMonitor | None = None
+        self._layers: nn.ModuleList | None = None
+        self._block_params: list[list[nn.Parameter]] = []
+        self._fixed_frozen: dict[int, nn.Parameter] = {}  # protected modules and also_freeze
+        self._fixed_names: list[str] = []
+        self._managed: dict[int, nn.Parameter] = {}  # parameters this callback may switch
+        self._frozen_by_me: dict[int, nn.Parameter] = {}
+        self._layouts: list[list[list[nn.Parameter]]] = []  # per optimizer, per group: params as configured
+        self._input_grads_enabled = False
+        self._hf: nn.Module | None = None
+        self._step_at_batch_start: int | None = None
+
+    # ================================================================ public reading API
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(mode=self.mode, amount=self.amount, source=self.source, prefix=self.prefix)
+
+    @property
+    def trainable_blocks(self) -> list[int] | None:
+        """Blocks (current numbering) that train, or ``None`` before the first choice."""
+        if self.frozen_blocks is None or self._layers is None:
+            return self.record.get("trainable_blocks")
+        return [i for i in range(len(self._layers)) if i not in set(self.frozen_blocks)]
+
+    # ================================================================ Lightning hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        _check_strategy(trainer)
+        _check_schedule(trainer, self.warmup_steps)
+        needs_monitor = bool(self.warmup_steps or self.reevaluate_every_n_steps)
+        self._monitor = self._find_or_add_monitor(trainer) if needs_monitor else find_monitor(trainer)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._bind(trainer, pl_module)
+        if self._restored_blocks is not None:  # resume: the same set, before the optimizer state loads
+            self.frozen_blocks, self._restored_blocks = self._restored_blocks, None
+            self._apply(trainer, pl_module, self.frozen_blocks)
+        elif self.source == "scores":
+            self._decide(trainer, pl_module, self.scores, "scores")
+        elif self.source == "calibration_dataloader":
+            self._decide(trainer, pl_module, self._calibrate(pl_module), "calibration")
+        else:  # warm-up: only the protected modules now, the blocks later
+            self._apply(trainer, pl_module, [])
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._step_at_batch_start = trainer.global_step
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # The optimizer stepped iff global_step moved (under gradient accumulation: on the last micro-batch only).
+        if self._step_at_batch_start is None or trainer.global_step <= self._step_at_batch_start:
+            return
+        if self._decision_due(trainer.global_step):
+            source = "warmup" if self.frozen_blocks is None else "reevaluation"
+            self._decide(trainer, pl_module, self._monitor_scores(trainer), source)
+        self._log(trainer, pl_module)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._release()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._release()
+
+    # ================================================================ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "frozen_blocks": self.frozen_blocks,
+            "last_decision_step": self._last_decision_step,
+            "record": self.record,
+            "history": self.history,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        blocks = state_dict.get("frozen_blocks")
+        self.frozen_blocks = None if blocks is None else [int(i) for i in blocks]
+        self._restored_blocks = self.frozen_blocks
+        self._last_decision_step = state_dict.get("last_decision_step")
+        self.record = dict(state_dict.get("record", {}))
+        self.history = list(state_dict.get("history", []))
+
+    # ================================================================ internals: binding
+    def _find_or_add_monitor(self, trainer: pl.Trainer) -> BlockInfluenceMonitor:
+        monitor = find_monitor(trainer)
+        if monitor is None:
+            rank_zero_info(
+                "LayerFreezeCallback: no BlockInfluenceMonitor in the Trainer's callbacks; adding a default one"
+                " (add your own to choose its settings)."
+            )
+            monitor = BlockInfluenceMonitor(layers_path=self.layers_path)
+            trainer.callbacks.append(monitor)  # restored from checkpoints like any callback (restore comes later)
+        return monitor
+
+    def _bind(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Find blocks, protected modules and optimizer layout; validate everything that needs the model."""
+        hf = find_hf_model(pl_module)
+        layers = get_decoder_layers(pl_module, self.layers_path)
+        num_layers = len(layers)
+        self._count = _count_frozen(self.mode, self.amount, num_layers)
+        if self.scores is not None and len(self.scores) != num_layers:
+            raise ValueError(
+                f"`scores` must hold one value per decoder block: the model has {num_layers} blocks, got"
+                f" {len(self.scores)} scores."
+            )
+        if self._restored_blocks is not None and any(not 0 <= i < num_layers for i in self._restored_blocks):
+            raise RuntimeError(
+                f"LayerFreezeCallback: the checkpoint freezes blocks {self._restored_blocks} but the model has"
+                f" {num_layers} decoder blocks. Resume with the model the checkpoint was trained with."
+            )
+        owner = get_layers_owner(pl_module, self.layers_path)
+        protected = _resolve_protected(hf, owner, layers, self.protect)
+        extra = _resolve_names(hf, pl_module, self.also_freeze)
+        self._warn_tied(hf)
+
+        self._layers = layers
+        self._block_params = [list(layer.parameters()) for layer in layers]
+        fixed = _params([m for modules in protected.values() for m in modules] + extra)
+        self._fixed_frozen = {id(p): p for p in fixed}
+        names = {id(p): n for n, p in pl_module.named_parameters()}
+        self._fixed_names = sorted(names.get(id(p), "?") for p in fixed)
+        candidates = fixed + [p for params in self._block_params for p in params]
+        self._managed = {id(p): p for p in candidates if p.requires_grad or id(p) in self._frozen_by_me}
+        self._layouts = [[list(group["params"]) for group in opt.param_groups] for opt in trainer.optimizers]
+
+    def _warn_tied(self, hf: nn.Module) -> None:
+        if self.protect["embeddings"] == self.protect["lm_head"]:
+            return
+        inputs, outputs = (getattr(hf, f"get_{kind}_embeddings", lambda: None) for kind in ("input", "output"))
+        try:
+            tied = getattr(inputs(), "weight", 0) is getattr(outputs(), "weight", 1)
+        except NotImplementedError:
+            tied = False
+        if tied:
+            rank_zero_warn(
+                "LayerFreezeCallback: the input embeddings and the LM head share one weight (tied); it is frozen"
+                f" because freeze_embeddings={self.protect['embeddings']} / freeze_lm_head={self.protect['lm_head']}."
+            )
+
+    # ================================================================ internals: deciding
+    def _calibrate(self, pl_module: pl.LightningModule) -> Tensor:
+        model = find_hf_model(pl_module)
+        assert self.calibration_dataloader is not None
+        batches, limit = self.calibration_dataloader, self.calibration_batches
+        return measure_depth(model, batches, limit, layers_path=self.layers_path).block_influence
+
+    def _decision_due(self, step: int) -> bool:
+        if self.frozen_blocks is None:
+            return self.source == "warmup_steps" and step >= self.warmup_steps
+        every = self.reevaluate_every_n_steps
+        return every is not None and step >= (self._last_decision_step or 0) + every
+
+    def _monitor_scores(self, trainer: pl.Trainer) -> Tensor:
+        monitor = self._monitor
+        assert monitor is not None  # set in setup whenever warm-up or re-evaluation is on
+        monitor.flush(trainer)  # every rank calls it: it reduces across ranks
+        scores = monitor.block_influence
+        if scores is None:
+            raise RuntimeError(
+                f"LayerFreezeCallback: the BlockInfluenceMonitor measured nothing by step {trainer.global_step}"
+                f" (its every_n_steps={monitor.every_n_steps}, source={monitor.source!r}); lower every_n_steps or"
+                " raise warmup_steps."
+            )
+        return scores
+
+    def _decide(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, scores: Tensor | None, source: str
+    ) -> None:
+        assert scores is not None and self._layers is not None
+        num_layers = len(self._layers)
+        if len(scores) != num_layers:
+            raise RuntimeError(f"LayerFreezeCallback: got {len(scores)} block scores for {num_layers} decoder blocks.")
+        chosen = _select_frozen(scores, self._count)
+        self.frozen_blocks = trainer.strategy.broadcast(chosen, src=0)  # every rank freezes rank 0's choice
+        self._apply(trainer, pl_module, self.frozen_blocks)
+        self._last_decision_step = trainer.global_step
+        self.record = self._describe(trainer, pl_module, scores, source)
+        self.history.append(dict(self.record))
+        rank_zero_info(
+            f"LayerFreezeCallback: step {trainer.global_step} ({source}): frozen blocks {self.frozen_blocks},"
+            f" trainable blocks {self.record['trainable_blocks']},"
+            f" trainable params {self.record['trainable_params']:,}."
+        )
+
+    # ================================================================ internals: applying
+    def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, blocks: Sequence[int]) -> None:
+        """Make exactly ``blocks`` (plus the fixed modules) frozen: requires_grad, optimizers, DDP wrapper."""
+        frozen = dict(self._fixed_frozen)
+        for i in blocks:
+            frozen.update({id(p): p for p in self._block_params[i]})
+        changed = False
+        for key, param in self._managed.items():
+            trainable = key not in frozen
+            changed |= param.requires_grad != trainable
+            param.requires_grad_(trainable)
+            if not trainable:
+                param.grad = None
+        self._frozen_by_me = {k: p for k, p in self._managed.items() if k in frozen}
+        for optimizer, layout in zip(trainer.optimizers, self._layouts, strict=False):
+            self._sync_optimizer(optimizer, layout, frozen)
+        if changed:
+            _rebuild_ddp(trainer)
+        self._enable_input_grads(pl_module)
+
+    @staticmethod
+    def _sync_optimizer(
+        optimizer: torch.optim.Optimizer, layout: list[list[nn.Parameter]], frozen: Mapping[int, Any]
+    ) -> None:
+        """Groups = the configured groups minus frozen params, in their configured order; frozen state dropped.
+
+        The layout is a pure function of the frozen set, so a checkpoint's optimizer state always fits on resume.
+        Unfrozen parameters return to their own group (its LR, weight decay) with no state: it starts fresh.
+        """
+        for g, group in enumerate(optimizer.param_groups):
+            configured = layout[g] if g < len(layout) else group["params"]
+            group["params"] = [p for p in configured if id(p) not in frozen]
+        for param in frozen.values():
+            optimizer.state.pop(param, None)
+
+    def _enable_input_grads(self, pl_module: pl.LightningModule) -> None:
+        """Reentrant gradient checkpointing needs an input that requires grad: HF's hook gives it one."""
+        hf = find_hf_model(pl_module)
+        if self._input_grads_enabled or not self.protect["embeddings"] or not _uses_checkpointing(hf):
+            return  # nothing to do, or already done
+        if getattr(hf, "_require_grads_hook", None) is not None:
+            return  # HF (>= 5) already installs it when checkpointing is enabled
+        if callable(getattr(hf, "enable_input_require_grads", None)):
+            hf.enable_input_require_grads()
+            self._input_grads_enabled = True
+            self._hf = hf
+
+    def _release(self) -> None:
+        if self._input_grads_enabled and self._hf is not None:
+            self._hf.disable_input_require_grads()
+            self._input_grads_enabled = False
+            self._hf = None
+
+    # ================================================================ internals: recording
+    def _describe(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, scores: Tensor, source: str
+    ) -> dict[str, Any]:
+        assert self._layers is not None and self.frozen_blocks is not None
+        original = self._monitor.original_indices if self._monitor is not None else None
+        return {
+            "step": trainer.global_step,
+            "source": source,
+            "scores": [float(s) for s in scores],
+            "frozen_blocks": list(self.frozen_blocks),
+            "trainable_blocks": [i for i in range(len(self._layers)) if i not in set(self.frozen_blocks)],
+            "original_indices": list(original) if original is not None else list(range(len(self._layers))),
+            "frozen_modules": list(self._fixed_names),
+            **self._sizes(trainer, pl_module),
+        }
+
+    def _sizes(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, int]:
+        params = list(pl_module.parameters())
+        return {
+            "trainable_params": sum(p.numel() for p in params if p.requires_grad),
+            "frozen_params": sum(p.numel() for p in params if not p.requires_grad),
+            "optimizer_state_bytes": _optimizer_state_bytes(trainer.optimizers),
+        }
+
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        sizes = self._sizes(trainer, pl_module)
+        if self.record:
+            self.record.update(sizes)  # optimizer state fills in lazily after the first steps
+        num_layers = len(self._layers) if self._layers is not None else 0
+        frozen = len(self.frozen_blocks or [])
+        metrics = {f"{self.prefix}/{k}": float(v) for k, v in sizes.items()}
+        metrics[f"{self.prefix}/frozen_blocks"] = float(frozen)
+        metrics[f"{self.prefix}/trainable_blocks"] = float(num_layers - frozen)
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)

@@ -1,0 +1,351 @@
+import os
+import subprocess
+import sys
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from conftest import LAYERS, TinyLM, fast_trainer, loader, tiny_config
+from lp_callbacks.callbacks.block_influence import BlockInfluenceMonitor
+from lp_callbacks.callbacks.layer_freeze import LayerFreezeCallback
+from lp_callbacks.measure import measure_depth
+
+SCORES = [0.9, 0.1, 0.8, 0.2, 0.7, 0.3]  # blocks 0, 2, 4 matter most
+TOP3 = [0, 2, 4]
+FIXED = ("model.model.embed_tokens.weight", "model.lm_head.weight", "model.model.norm.weight")
+
+
+class SnapshotAt(Callback):
+    """Copies every parameter after optimizer step ``step`` (put it after the callbacks under test)."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.weights = step, {}
+
+    def on_fit_start(self, trainer, pl_module):
+        if self.step == 0:
+            self.weights = _weights(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step and not self.weights:
+            self.weights = _weights(pl_module)
+
+
+class ScriptedMonitor(BlockInfluenceMonitor):
+    """A monitor whose BI at each read is ``script(global_step)``: lets a test choose what gets frozen when."""
+
+    def __init__(self, script):
+        super().__init__()
+        self.script, self._scripted = script, None
+
+    def flush(self, trainer):
+        super().flush(trainer)
+        self._scripted = torch.tensor(self.script(trainer.global_step), dtype=torch.float64)
+
+    @property
+    def block_influence(self):
+        return self._scripted
+
+
+def _weights(module):
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def _block_names(indices):
+    return lambda name: any(name.startswith(f"model.model.layers.{i}.") for i in indices)
+
+
+def _optimizer_names(trainer, module, state=False):
+    names = {id(p): n for n, p in module.named_parameters()}
+    optimizer = trainer.optimizers[0]
+    params = optimizer.state if state else [p for g in optimizer.param_groups for p in g["params"]]
+    return {names[id(p)] for p in params}
+
+
+def _state_bytes(optimizer):
+    return sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))
+
+
+# ============================================================================================ really frozen
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"], ids=["sgd-momentum", "adamw-weight-decay"])
+def test_frozen_weights_bit_identical_after_warmup(tmp_path, optimizer):
+    """Freeze at step 2 from warm-up BI: frozen weights never move again, their optimizer state is gone."""
+    module = TinyLM(optimizer=optimizer, lr=0.05)
+    freeze = LayerFreezeCallback(fraction_frozen=0.5, warmup_steps=2)
+    start, at_freeze = SnapshotAt(0), SnapshotAt(2)
+    trainer = fast_trainer(tmp_path, callbacks=[freeze, start, at_freeze], max_steps=6)
+    trainer.fit(module, loader())
+
+    assert isinstance(trainer.callbacks[-1], BlockInfluenceMonitor)  # added by the callback, none was given
+    assert len(freeze.frozen_blocks) == 3 and freeze.record["source"] == "warmup" and freeze.record["step"] == 2
+    scores = torch.tensor(freeze.record["scores"])
+    assert set(freeze.frozen_blocks) == set(scores.argsort(descending=True)[:3].tolist())  # the highest BI
+    is_frozen_block = _block_names(freeze.frozen_blocks)
+    frozen = {n for n in at_freeze.weights if is_frozen_block(n)}
+    end = _weights(module)
+    for name in frozen:
+        assert torch.equal(end[name], at_freeze.weights[name]), name  # bit-identical since the freeze
+    for name in FIXED:  # embeddings, LM head, final norm: frozen from the start
+        assert torch.equal(end[name], start.weights[name]), name
+    trainable = set(end) - frozen - set(FIXED)
+    assert all(not torch.equal(end[n], at_freeze.weights[n]) for n in trainable)  # the others still train
+    assert _optimizer_names(trainer, module) == trainable  # frozen params left the param groups...
+    assert _optimizer_names(trainer, module, state=True) == trainable  # ...and the optimizer state
+    assert all(module.get_parameter(n).requires_grad == (n in trainable) for n in end)
+
+
+def test_user_scores_freeze_at_fit_start(tmp_path):
+    module = TinyLM(optimizer="adamw")
+    freeze = LayerFreezeCallback(num_trainable=3, scores=torch.tensor(SCORES))
+    start = SnapshotAt(0)
+    trainer = fast_trainer(tmp_path, callbacks=[freeze, start], max_steps=3)
+    trainer.fit(module, loader())
+    assert freeze.frozen_blocks == TOP3 and freeze.trainable_blocks == [1, 3, 5]
+    assert freeze.record["source"] == "scores" and freeze.record["step"] == 0
+    assert freeze.record["scores"] == pytest.approx(SCORES)
+    assert freeze.record["frozen_modules"] == sorted(FIXED)
+    assert trainer.callbacks == [freeze, start]  # no monitor needed, none added
+    end, frozen = _weights(module), _block_names(TOP3)
+    for name, value in start.weights.items():
+        assert torch.equal(end[name], value) == (frozen(name) or name in FIXED), name
+    metrics = trainer.callback_metrics
+    assert metrics["layer_freeze/frozen_blocks"] == 3 and metrics["layer_freeze/trainable_blocks"] == 3
+    assert metrics["layer_freeze/trainable_params"] == freeze.record["trainable_params"]
+    assert metrics["layer_freeze/optimizer_state_bytes"] == _state_bytes(trainer.optimizers[0]) > 0
+
+
+def test_calibration_loader_measures_at_fit_start(tmp_path):
+    calib = loader(length=8, seed=3)
+    expected = measure_depth(TinyLM().model, calib).block_influence
+    freeze = LayerFreezeCallback(num_frozen=2, calibration_dataloader=calib, freeze_lm_head=False)
+    module = TinyLM()
+    fast_trainer(tmp_path, callbacks=[freeze], max_steps=1).fit(module, loader())
+    torch.testing.assert_close(torch.tensor(freeze.record["scores"], dtype=torch.float64), expected)
+    assert freeze.frozen_blocks == sorted(expected.argsort(descending=True)[:2].tolist())
+    assert module.model.lm_head.weight.requires_grad and not module.model.model.norm.weight.requires_grad
+
+
+def test_optimizer_state_half_of_full_finetuning(tmp_path):
+    """Half the blocks frozen (and the protected modules): Adam state shrinks to the trainable share."""
+    full_module, full = TinyLM(), fast_trainer(tmp_path, max_steps=2)
+    full.fit(full_module, loader())
+    module = TinyLM()
+    freeze = LayerFreezeCallback(num_frozen=LAYERS // 2, scores=SCORES)
+    trainer = fast_trainer(tmp_path, callbacks=[freeze], max_steps=2)
+    trainer.fit(module, loader())
+    full_bytes, frozen_bytes = _state_bytes(full.optimizers[0]), _state_bytes(trainer.optimizers[0])
+    total = sum(p.numel() for p in module.parameters())
+    share = freeze.record["trainable_params"] / total
+    assert frozen_bytes / full_bytes <= 0.5
+    assert frozen_bytes / full_bytes == pytest.approx(share, abs=0.01)
+    assert freeze.record["optimizer_state_bytes"] == frozen_bytes
+
+
+def test_gradient_accumulation_decides_once_at_step_boundary(tmp_path):
+    freeze = LayerFreezeCallback(num_frozen=2, warmup_steps=2)
+    trainer = fast_trainer(tmp_path, callbacks=[freeze], max_steps=4, accumulate_grad_batches=2)
+    trainer.fit(TinyLM(), loader())
+    assert len(freeze.history) == 1 and freeze.history[0]["step"] == 2
+
+
+# ============================================================================================ gradient checkpointing
+def test_gradient_checkpointing_reentrant_with_frozen_embeddings(tmp_path):
+    """Reentrant checkpointing needs an input that requires grad: same training as without checkpointing."""
+    # without the callback's enable_input_require_grads, the checkpointed blocks would get no gradient at all
+    runs = {}
+    for checkpointing in (False, True):
+        module = TinyLM(optimizer="sgd")
+        if checkpointing:
+            module.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+            module.model.disable_input_require_grads()  # as older HF versions, or checkpointing enabled by hand
+        freeze = LayerFreezeCallback(num_frozen=3, scores=SCORES)
+        start = SnapshotAt(0)
+        fast_trainer(tmp_path, callbacks=[freeze, start], max_steps=3).fit(module, loader())
+        runs[checkpointing] = (start.weights, _weights(module))
+    (start, plain), (_, checkpointed) = runs[False], runs[True]
+    trainable = [n for n in plain if not _block_names(TOP3)(n) and n not in FIXED]
+    assert all(not torch.equal(checkpointed[n], start[n]) for n in trainable)  # blocks under checkpointing trained
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6)
+
+
+# ============================================================================================ unfreezing and resume
+def _resume_pair(tmp_path, make_callbacks, optimizer, steps, stop):
+    """Uninterrupted run to ``steps`` vs a run stopped at ``stop`` and resumed from its checkpoint.
+
+    One batch per epoch, the same at every step: whatever batch Lightning resumes at, both runs see the same data.
+    """
+    data = lambda: loader(length=4, batch_size=4)  # noqa: E731
+    ref_module, ref_callbacks = TinyLM(optimizer=optimizer), make_callbacks()
+    ref = fast_trainer(tmp_path / "ref", callbacks=ref_callbacks, max_steps=steps)
+    ref.fit(ref_module, data())
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="resume", save_top_k=-1, every_n_train_steps=stop)
+    first = fast_trainer(tmp_path / "a", callbacks=[*make_callbacks(), ckpt], max_steps=stop, enable_checkpointing=True)
+    first.fit(TinyLM(optimizer=optimizer), data())
+    module, callbacks = TinyLM(optimizer=optimizer, seed=1), make_callbacks()  # other init: weights must load
+    resumed = fast_trainer(tmp_path / "b", callbacks=callbacks, max_steps=steps)
+    resumed.fit(module, data(), ckpt_path=str(tmp_path / "ckpt" / "resume.ckpt"))
+    assert resumed.global_step == steps
+    return (ref, ref_module, ref_callbacks), (resumed, module, callbacks)
+
+
+def test_resume_restores_same_frozen_set_and_optimizer_state(tmp_path):
+    make = lambda: [BlockInfluenceMonitor(), LayerFreezeCallback(fraction_trainable=0.5, warmup_steps=2)]  # noqa: E731
+    (ref, ref_module, ref_cbs), (resumed, module, cbs) = _resume_pair(tmp_path, make, "adam", steps=6, stop=4)
+    freeze, ref_freeze = cbs[1], ref_cbs[1]
+    assert freeze.frozen_blocks == ref_freeze.frozen_blocks and len(freeze.frozen_blocks) == 3
+    assert len(freeze.history) == 1 and freeze.record["step"] == 2  # restored, not decided again
+    assert _optimizer_names(resumed, module) == _optimizer_names(ref, ref_module)
+    assert _optimizer_names(resumed, module, state=True) == _optimizer_names(ref, ref_module, state=True)
+    ref_weights = _weights(ref_module)
+    for name, value in _weights(module).items():
+        torch.testing.assert_close(value, ref_weights[name], rtol=1e-5, atol=1e-6)
+
+
+def test_reevaluation_unfreezes_with_fresh_state_and_survives_resume(tmp_path):
+    """Step 2 freezes blocks 0, 2, 4; step 5 swaps to 1, 3, 5: the unfrozen blocks train again from fresh state."""
+    def script(step):
+        return SCORES if step < 5 else SCORES[::-1]
+
+    def make():
+        return [ScriptedMonitor(script), LayerFreezeCallback(num_frozen=3, warmup_steps=2, reevaluate_every_n_steps=3),
+                SnapshotAt(5)]
+
+    (ref, ref_module, ref_cbs), (resumed, module, cbs) = _resume_pair(tmp_path, make, "adamw", steps=10, stop=8)
+    freeze, at_swap = ref_cbs[1], ref_cbs[2]
+    assert [h["frozen_blocks"] for h in freeze.history] == [TOP3, [1, 3, 5], [1, 3, 5]]
+    assert [h["step"] for h in freeze.history] == [2, 5, 8]
+    end = _weights(ref_module)
+    for name, value in at_swap.weights.items():
+        if _block_names([1, 3, 5])(name):
+            assert torch.equal(end[name], value), name  # newly frozen: untouched since step 5
+        elif _block_names(TOP3)(name):
+            assert not torch.equal(end[name], value), name  # unfrozen: trains again
+    optimizer, names = ref.optimizers[0], {id(p): n for n, p in ref_module.named_parameters()}
+    in_groups = [names[id(p)] for p in optimizer.param_groups[0]["params"]]
+    assert in_groups == [n for n, _ in ref_module.named_parameters() if n in set(in_groups)]  # configured order
+    unfrozen = [ref_module.get_parameter(n) for n in in_groups if _block_names(TOP3)(n)]
+    assert unfrozen and all(int(optimizer.state[p]["step"]) == 5 for p in unfrozen)  # fresh at step 5, 5 steps since
+    # the resumed run holds the same set and the same Adam moments
+    assert cbs[1].frozen_blocks == [1, 3, 5] and len(cbs[1].history) == 3
+    torch.testing.assert_close(resumed.optimizers[0].state_dict()["state"], optimizer.state_dict()["state"],
+                               rtol=1e-5, atol=1e-7)
+    for name, value in _weights(module).items():
+        torch.testing.assert_close(value, end[name], rtol=1e-5, atol=1e-6)
+
+
+def test_two_instances_have_distinct_state_keys():
+    a = LayerFreezeCallback(num_frozen=2, scores=SCORES)
+    b = LayerFreezeCallback(num_frozen=3, scores=SCORES)
+    c = LayerFreezeCallback(num_frozen=2, scores=SCORES, prefix="second")
+    assert len({a.state_key, b.state_key, c.state_key}) == 3
+    a.frozen_blocks, a.history = [0, 2], [{"step": 0}]
+    fresh = LayerFreezeCallback(num_frozen=2, scores=SCORES)
+    fresh.load_state_dict(a.state_dict())
+    assert fresh.frozen_blocks == [0, 2] and fresh.history == [{"step": 0}]
+    fresh.load_state_dict({})  # an old or foreign state: defaults
+    assert fresh.frozen_blocks is None and fresh.history == []
+
+
+# ============================================================================================ DDP
+def test_ddp_two_processes_freeze_the_same_blocks(tmp_path):
+    script = os.path.join(os.path.dirname(__file__), "ddp_freeze_script.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run([sys.executable, script, str(tmp_path)], capture_output=True, text=True, timeout=300,
+                            env=env, cwd=os.path.dirname(os.path.dirname(script)))
+    assert result.returncode == 0, result.stderr[-4000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert rank0["global_step"] == rank1["global_step"] == 5
+    assert rank0["frozen_blocks"] == rank1["frozen_blocks"] and len(rank0["frozen_blocks"]) == 3
+    assert rank0["requires_grad"] == rank1["requires_grad"]
+    assert rank0["wrapper_rebuilt"] and rank1["wrapper_rebuilt"]
+    for name, value in rank0["weights"].items():
+        assert torch.equal(value, rank1["weights"][name]), name  # the ranks never diverged
+    frozen = rank0["at_freeze"]
+    assert len(frozen) == 3 * len([n for n in rank0["weights"] if n.startswith("model.model.layers.0.")]) + 3
+    for name, value in frozen.items():
+        assert torch.equal(rank0["weights"][name], value), name  # frozen under DDP too
+    trainable = sorted(set(rank0["weights"]) - set(frozen))
+    assert rank0["optimizer_params"] == rank0["optimizer_state_params"] == trainable
+
+
+# ============================================================================================ bad input
+def _bad(kwargs, match, error=ValueError, id=None):
+    return pytest.param(kwargs, error, match, id=id)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        _bad(dict(scores=SCORES), r"exactly one of `num_trainable`, .*got none", id="no-amount"),
+        _bad(dict(num_frozen=2, num_trainable=2, scores=SCORES), r"exactly one of .*'num_frozen': 2", id="two-amounts"),
+        _bad(dict(fraction_frozen=1.0, scores=SCORES),
+             r"`fraction_frozen` must be a float in the open interval \(0, 1\), got 1.0", id="fraction-1"),
+        _bad(dict(fraction_trainable=0, scores=SCORES), r"`fraction_trainable` must be a float in .*got 0",
+             id="fraction-0"),
+        _bad(dict(fraction_frozen=-0.5, scores=SCORES), r"open interval \(0, 1\), got -0.5", id="fraction-negative"),
+        _bad(dict(num_frozen=0, scores=SCORES), r"`num_frozen` must be an int >= 1, got 0", id="num-0"),
+        _bad(dict(num_frozen=2), r"exactly one source of block importance.*got none", id="no-source"),
+        _bad(dict(num_frozen=2, scores=SCORES, warmup_steps=3), r"exactly one source.*\['scores', 'warmup_steps'\]",
+             id="two-sources"),
+        _bad(dict(num_frozen=2, scores=[0.1, float("nan")]), r"`scores` must be finite", id="nan-scores"),
+        _bad(dict(num_frozen=2, scores=[[0.1, 0.2]]), r"`scores` must be 1-D .*got shape \(1, 2\)", id="2d-scores"),
+        _bad(dict(num_frozen=2, warmup_steps=-1), r"`warmup_steps` must be an int >= 0, got -1", id="negative-warmup"),
+        _bad(dict(num_frozen=2, warmup_steps=2, reevaluate_every_n_steps=0),
+             r"`reevaluate_every_n_steps` must be an int >= 1", id="reevaluate-0"),
+        _bad(dict(num_frozen=2, scores=SCORES, freeze_embeddings="yes"),
+             r"`freeze_embeddings` must be True or False, got 'yes'", TypeError, id="flag-not-bool"),
+        _bad(dict(num_frozen=2, scores=SCORES, also_freeze="model.norm"), r"`also_freeze` must be a list", TypeError,
+             id="names-as-str"),
+    ],
+)
+def test_bad_constructor_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        LayerFreezeCallback(**kwargs)
+
+
+class HeadlessLM(pl.LightningModule):
+    """A user's module around a bare decoder (no LM head)."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers import AutoModel
+
+        self.model = AutoModel.from_config(tiny_config("llama"))
+
+    def training_step(self, batch, batch_idx):
+        return self.model(input_ids=batch["input_ids"]).last_hidden_state.pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "module_cls", "match"),
+    [
+        pytest.param(dict(num_frozen=LAYERS, scores=SCORES), TinyLM,
+                     r"`num_frozen=6` would freeze 6 of the model's 6 decoder blocks: at least one", id="freeze-all"),
+        pytest.param(dict(fraction_trainable=0.05, scores=SCORES), TinyLM,
+                     r"`fraction_trainable=0.05` would freeze 6 of the model's 6", id="fraction-freezes-all"),
+        pytest.param(dict(num_trainable=7, scores=SCORES), TinyLM, r"`num_trainable` must be in \[1, 6\] .*got 7",
+                     id="more-than-exist"),
+        pytest.param(dict(num_frozen=2, scores=SCORES[:5]), TinyLM,
+                     r"one value per decoder block: the model has 6 blocks, got 5", id="scores-length"),
+        pytest.param(dict(num_frozen=2, scores=SCORES, also_freeze=["model.nrom"]), TinyLM,
+                     r"`also_freeze` names 'model.nrom'.*Did you mean \['model.norm'", id="unknown-module"),
+        pytest.param(dict(num_frozen=2, warmup_steps=4), TinyLM,
+                     r"`warmup_steps` must be smaller than the Trainer's max_steps=4.*got 4", id="warmup-past-max"),
+        pytest.param(dict(num_frozen=2, scores=SCORES), HeadlessLM,
+                     r"`freeze_lm_head=True` but LlamaModel.get_output_embeddings\(\) returned None", id="no-lm-head"),
+    ],
+)
+def test_bad_input_fails_before_the_first_step(tmp_path, kwargs, module_cls, match):
+    module = module_cls()
+    before = _weights(module)
+    trainer = fast_trainer(tmp_path, callbacks=[LayerFreezeCallback(**kwargs)], max_steps=4)
+    with pytest.raises(ValueError, match=match):
+        trainer.fit(module, loader())
+    assert trainer.global_step == 0
+    assert all(torch.equal(p, before[n]) for n, p in module.named_parameters())
