@@ -13,7 +13,9 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -37,11 +39,31 @@ class Architecture:
             with an LM head first and to the bare base model after (for example ``model.layers`` then ``layers``).
         per_layer_fields: config attributes holding one entry per layer (sliced when layers are removed).
         layer_index_fields: config attributes holding lists of layer indices (renumbered when layers are removed).
+        moe_sparse_step_field: MoE config attribute ``step`` of the Qwen-MoE rule "block ``i`` has experts iff
+            ``i not in mlp_only_layers and (i + 1) % step == 0`` (and ``num_experts > 0``)", decided when the block
+            is built. Surgery keeps which surviving blocks have experts (see ``lp_callbacks.surgery``).
+        renumber_refusal: ``config -> reason | None``; a reason when a block cannot take a new index exactly
+            (something fixed from ``layer_idx`` at construction that no config field records). Surgery then
+            refuses any removal that moves a surviving block.
     """
 
     layer_paths: tuple[str, ...]
-    per_layer_fields: tuple[str, ...] = ("layer_types",)
+    per_layer_fields: tuple[str, ...] = ("layer_types", "mlp_layer_types")
     layer_index_fields: tuple[str, ...] = ()
+    moe_sparse_step_field: str | None = None
+    renumber_refusal: Callable[[Any], str | None] | None = None
+
+
+def _gpt2_renumber_refusal(config: Any) -> str | None:
+    # GPT2Attention.__init__ bakes `scaling /= layer_idx + 1` into the block: a moved block keeps its old scale in
+    # memory but gets the new one when rebuilt by from_pretrained, so outputs would change on reload.
+    if getattr(config, "scale_attn_by_inverse_layer_idx", False):
+        return (
+            "GPT-2 with `scale_attn_by_inverse_layer_idx=True` divides each block's attention scores by"
+            " (layer_idx + 1), fixed when the block is built, so a block that moves to another index would compute"
+            " something else after save_pretrained/from_pretrained."
+        )
+    return None
 
 
 _LLAMA_LIKE = Architecture(layer_paths=("model.layers", "layers"))
@@ -53,8 +75,16 @@ ARCHITECTURES: dict[str, Architecture] = {
     "mixtral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
-    "qwen2_moe": Architecture(layer_paths=("model.layers", "layers"), layer_index_fields=("mlp_only_layers",)),
-    "qwen3_moe": Architecture(layer_paths=("model.layers", "layers"), layer_index_fields=("mlp_only_layers",)),
+    "qwen2_moe": Architecture(
+        layer_paths=("model.layers", "layers"),
+        layer_index_fields=("mlp_only_layers",),
+        moe_sparse_step_field="decoder_sparse_step",
+    ),
+    "qwen3_moe": Architecture(
+        layer_paths=("model.layers", "layers"),
+        layer_index_fields=("mlp_only_layers",),
+        moe_sparse_step_field="decoder_sparse_step",
+    ),
     "gemma": _LLAMA_LIKE,
     "gemma2": _LLAMA_LIKE,
     "gemma3_text": _LLAMA_LIKE,
@@ -67,8 +97,11 @@ ARCHITECTURES: dict[str, Architecture] = {
     "stablelm": _LLAMA_LIKE,
     "starcoder2": _LLAMA_LIKE,
     "cohere": _LLAMA_LIKE,
-    "smollm3": _LLAMA_LIKE,
-    "gpt2": Architecture(layer_paths=("transformer.h", "h")),
+    "smollm3": Architecture(
+        layer_paths=("model.layers", "layers"),
+        per_layer_fields=("layer_types", "mlp_layer_types", "no_rope_layers"),
+    ),
+    "gpt2": Architecture(layer_paths=("transformer.h", "h"), renumber_refusal=_gpt2_renumber_refusal),
     "gptj": Architecture(layer_paths=("transformer.h", "h")),
     "bloom": Architecture(layer_paths=("transformer.h", "h")),
     "falcon": Architecture(layer_paths=("transformer.h", "h")),

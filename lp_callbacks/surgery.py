@@ -1,0 +1,341 @@
+"""Layer surgery on Hugging Face decoders: remove blocks physically, freeze or unfreeze them, prune the optimizer.
+
+:func:`drop_layers` leaves a model that is indistinguishable from one built with fewer layers: the block
+``ModuleList`` is rebuilt from the surviving module objects (so optimizers keep pointing at the same parameters),
+every ``layer_idx`` inside the survivors is renumbered (KV caches are indexed by it), and the config is updated
+(``num_hidden_layers``, per-layer lists such as ``layer_types``, layer-index lists such as ``mlp_only_layers``) so that
+``generate`` with a cache and ``save_pretrained`` -> ``from_pretrained`` give what the pruned model computes. What
+cannot be kept exact is refused with a ``ValueError`` before anything is touched.
+
+Example:
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+    ...                                      num_attention_heads=4, vocab_size=128))
+    >>> drop_layers(model, [1, 2])
+    [0, 3]
+    >>> model.config.num_hidden_layers, model.model.layers[1].self_attn.layer_idx
+    (2, 1)
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from lp_callbacks.architectures import (
+    ARCHITECTURES,
+    Architecture,
+    get_decoder_layers,
+    get_layers_owner,
+    resolve_layers_path,
+)
+
+__all__ = ["drop_layers", "drop_optimizer_params", "freeze_layers", "unfreeze_layers"]
+
+# The Qwen-MoE rule's list of blocks forced dense (see `Architecture.moe_sparse_step_field`).
+_MLP_ONLY_FIELD = "mlp_only_layers"
+
+
+def _validate_indices(indices: Sequence[int], num_layers: int) -> list[int]:
+    """Sorted, validated copy of ``indices``; raises before anything is modified."""
+    valid = f"layer positions in [0, {num_layers - 1}] (the model has {num_layers} decoder layers, numbered as now)"
+    if isinstance(indices, (str, bytes)) or not isinstance(indices, Iterable):
+        raise TypeError(f"`indices` must be a sequence of ints, {valid}; got {indices!r}.")
+    values: list[int] = []
+    try:
+        items = list(indices)
+    except TypeError:  # a 0-d tensor claims to be iterable
+        raise TypeError(f"`indices` must be a sequence of ints, {valid}; got {indices!r}.") from None
+    for item in items:
+        # bool is an int subclass, but `[True]` is a mistake, not layer 1
+        if isinstance(item, bool):
+            raise TypeError(f"`indices` must hold ints ({valid}), got the bool {item!r} in {items!r}.")
+        try:
+            values.append(operator.index(item))  # int, numpy and torch integer scalars
+        except TypeError:
+            raise TypeError(f"`indices` must hold ints ({valid}), got {item!r} in {items!r}.") from None
+    out_of_range = [i for i in values if not 0 <= i < num_layers]
+    if out_of_range:
+        raise ValueError(f"`indices` must be {valid}; got {out_of_range} out of range in {values}.")
+    duplicates = sorted({i for i in values if values.count(i) > 1})
+    if duplicates:
+        raise ValueError(f"`indices` must be unique {valid}; got {duplicates} more than once in {values}.")
+    return sorted(values)
+
+
+def _find_architecture(root: nn.Module) -> Architecture | None:
+    """The table entry of an HF model; ``None`` for a plain ``nn.Module``; refuses an HF family not in the table."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(root, PreTrainedModel):
+        return None  # custom model reached through `layers_path`: no config to keep in step
+    model_type = getattr(root.config, "model_type", None)
+    arch = ARCHITECTURES.get(model_type or "")
+    if arch is None:
+        raise ValueError(
+            f"drop_layers does not know the per-layer config fields of {type(root).__name__}"
+            f" (model_type={model_type!r}), so it cannot keep the model consistent after surgery. Supported model"
+            f" types: {', '.join(sorted(ARCHITECTURES))}. Add the family to lp_callbacks.architectures.ARCHITECTURES."
+        )
+    return arch
+
+
+def _decoder_configs(root: nn.Module, owner: nn.Module) -> list[Any]:
+    """Every distinct config object that describes this decoder stack (usually exactly one, shared by all modules)."""
+    from transformers import PretrainedConfig
+
+    candidates: list[Any] = []
+    root_config = getattr(root, "config", None)
+    if isinstance(root_config, PretrainedConfig):
+        # multimodal models (Gemma3): the decoder's fields live in `config.text_config`
+        candidates.append(root_config.get_text_config(decoder=True))
+    for module in owner.modules():  # attention modules keep `self.config` too; it must be the same object
+        config = module.__dict__.get("config")
+        if isinstance(config, PretrainedConfig):
+            candidates.append(config)
+    unique: dict[int, Any] = {}
+    for config in candidates:
+        unique.setdefault(id(config), config)
+    return list(unique.values())
+
+
+def _plan_layer_idx(layers: nn.ModuleList, kept: list[int]) -> list[tuple[nn.Module, int]]:
+    """``(submodule, new layer_idx)`` for every submodule of a survivor that records its block's position."""
+    updates: list[tuple[nn.Module, int]] = []
+    for new_idx, old_idx in enumerate(kept):
+        for name, module in layers[old_idx].named_modules():
+            current = module.__dict__.get("layer_idx")  # plain attribute only (GPT-2, Llama, Falcon, OPT, ...)
+            if current is None:
+                continue
+            if isinstance(current, bool) or not isinstance(current, int) or current != old_idx:
+                where = f"{type(module).__name__} {name!r} of block {old_idx}" if name else f"block {old_idx}"
+                raise ValueError(
+                    f"Cannot renumber {where}: its `layer_idx` is {current!r}, not its position {old_idx} in the"
+                    " decoder layer list, so the new index it should take is unknown. Was the model changed outside"
+                    " lp_callbacks?"
+                )
+            if new_idx != old_idx:
+                updates.append((module, new_idx))
+    return updates
+
+
+def _has_experts(idx: int, step: int, mlp_only: set[int], num_experts: int) -> bool:
+    # Qwen2MoeDecoderLayer / Qwen3MoeDecoderLayer.__init__
+    return idx not in mlp_only and num_experts > 0 and (idx + 1) % step == 0
+
+
+def _plan_config(config: Any, arch: Architecture, num_layers: int, kept: list[int]) -> dict[str, Any]:
+    """New values of the config fields that depend on the layer count or on layer positions (ordered)."""
+    model_type = getattr(config, "model_type", "?")
+    if getattr(config, "is_heterogeneous", False):
+        # per_layer_config overrides are built into each block; remapping them is not supported (yet)
+        raise ValueError(
+            f"drop_layers does not support heterogeneous configs (model_type={model_type!r} with `per_layer_config`"
+            " overrides): the per-layer overrides would have to be renumbered with the blocks."
+        )
+    declared = getattr(config, "num_hidden_layers", None)
+    if declared != num_layers:
+        raise ValueError(
+            f"The config says num_hidden_layers={declared!r} but the decoder holds {num_layers} layers"
+            f" (model_type={model_type!r}): the model is already inconsistent, drop_layers will not guess."
+        )
+    moved = any(new != old for new, old in enumerate(kept))
+    if moved and arch.renumber_refusal is not None:
+        reason = arch.renumber_refusal(config)
+        if reason is not None:
+            removed = sorted(set(range(num_layers)) - set(kept))
+            trailing = list(range(len(kept), num_layers))
+            raise ValueError(
+                f"Cannot remove `indices`={removed} exactly: {reason} Remove trailing blocks instead, for example"
+                f" indices={trailing}."
+            )
+
+    updates: dict[str, Any] = {}
+    for name in arch.per_layer_fields:
+        value = getattr(config, name, None)
+        if value is None:
+            continue
+        if not isinstance(value, (list, tuple)) or len(value) != num_layers:
+            raise ValueError(
+                f"config.{name} should hold one entry per layer ({num_layers}), got {value!r}"
+                f" (model_type={model_type!r}): cannot slice it consistently."
+            )
+        updates[name] = type(value)(value[i] for i in kept)
+
+    new_position = {old: new for new, old in enumerate(kept)}
+    for name in arch.layer_index_fields:
+        value = getattr(config, name, None)
+        if value is None:
+            continue
+        # entries of removed layers disappear, the others follow their block
+        updates[name] = type(value)(new_position[i] for i in value if i in new_position)
+
+    step_field = arch.moe_sparse_step_field
+    step = getattr(config, step_field, None) if step_field else None
+    if step is not None:
+        # Which block has experts is decided from layer_idx at construction; the reloaded model must match.
+        num_experts = getattr(config, "num_experts", 1) or 0
+        old_mlp_only = set(getattr(config, _MLP_ONLY_FIELD, None) or ())
+        wanted = [_has_experts(i, step, old_mlp_only, num_experts) for i in kept]
+        new_mlp_only = set(updates.get(_MLP_ONLY_FIELD, ()))
+        if [_has_experts(j, step, new_mlp_only, num_experts) for j in range(len(kept))] != wanted:
+            # `step` would pick other blocks after renumbering: state the same layout explicitly instead
+            # (every block sparse unless listed dense), which reloads to exactly these blocks.
+            updates[step_field] = 1
+            updates[_MLP_ONLY_FIELD] = [j for j, sparse in enumerate(wanted) if not sparse]
+
+    updates["num_hidden_layers"] = len(kept)  # last: maps to `n_layer` for GPT-2 through `attribute_map`
+    return updates
+
+
+def drop_layers(model: nn.Module, indices: Sequence[int], layers_path: str | None = None) -> list[int]:
+    """Remove decoder blocks physically, in place, and keep the model consistent.
+
+    The survivors are the same module objects (optimizer param identity is kept, see :func:`drop_optimizer_params`
+    for the dead ones); their ``layer_idx`` is renumbered; ``config.num_hidden_layers``, per-layer config lists
+    (``layer_types``, ...) and layer-index lists (``mlp_only_layers``) are updated, so that forward equals running the
+    kept blocks of the original model, ``generate`` works with a KV cache, and ``save_pretrained`` ->
+    ``from_pretrained`` rebuilds the same model. Everything is checked before anything changes.
+
+    Args:
+        model: an HF model, or a module holding one (LightningModule, PEFT, ``torch.compile``, DDP); a custom model
+            when ``layers_path`` is given (then only the list and ``layer_idx`` attributes are updated).
+        indices: positions of the blocks to remove, in the model's CURRENT numbering (after earlier removals).
+            Unique ints in ``[0, num_layers - 1]``; may be empty (nothing happens); must not cover every block.
+        layers_path: dotted path of the block ``ModuleList`` for models not in the architecture table.
+
+    Returns:
+        The kept positions, in the numbering before this call (``kept[j]`` is now block ``j``).
+
+    Raises:
+        TypeError: ``indices`` is not a sequence of ints.
+        ValueError: an index is out of range or repeated, every block would go, the family is unknown, or the
+            family/config cannot be kept exact (for example GPT-2 with ``scale_attn_by_inverse_layer_idx=True``
+            when a surviving block would move).
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=4, n_head=4, vocab_size=128))
+        >>> drop_layers(model, [2])
+        [0, 1, 3]
+        >>> model.config.n_layer, len(model.transformer.h)
+        (3, 3)
+    """
+    root, _ = resolve_layers_path(model, layers_path)
+    layers = get_decoder_layers(model, layers_path)
+    owner = get_layers_owner(model, layers_path)
+    num_layers = len(layers)
+    removed = _validate_indices(indices, num_layers)
+    if len(removed) == num_layers:
+        raise ValueError(
+            f"`indices` would remove all {num_layers} decoder layers (got {removed}); at least one must remain."
+        )
+    arch = _find_architecture(root)
+    kept = sorted(set(range(num_layers)) - set(removed))
+    if not removed:
+        return kept
+
+    # Plan everything first: a refusal must leave the model untouched.
+    config_updates = [] if arch is None else [
+        (config, _plan_config(config, arch, num_layers, kept)) for config in _decoder_configs(root, owner)
+    ]
+    idx_updates = _plan_layer_idx(layers, kept)
+
+    survivors = [layers[i] for i in kept]
+    del layers[:]  # in place: whoever holds this ModuleList sees the new depth
+    layers.extend(survivors)
+    for module, new_idx in idx_updates:
+        module.layer_idx = new_idx
+    for config, updates in config_updates:
+        for name, value in updates.items():
+            setattr(config, name, value)
+    return kept
+
+
+def _set_requires_grad(model: nn.Module, indices: Sequence[int], layers_path: str | None, flag: bool) -> None:
+    layers = get_decoder_layers(model, layers_path)
+    for i in _validate_indices(indices, len(layers)):
+        for param in layers[i].parameters():
+            param.requires_grad_(flag)
+
+
+def freeze_layers(model: nn.Module, indices: Sequence[int], layers_path: str | None = None) -> None:
+    """Stop training the given decoder blocks (``requires_grad=False`` on all their parameters).
+
+    Args:
+        model: an HF model or a module holding one (see :func:`drop_layers`).
+        indices: unique block positions in ``[0, num_layers - 1]``, current numbering.
+        layers_path: dotted path of the block ``ModuleList`` for models not in the architecture table.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+        ...                                      num_attention_heads=4, vocab_size=128))
+        >>> freeze_layers(model, [0, 1])
+        >>> any(p.requires_grad for p in model.model.layers[0].parameters())
+        False
+    """
+    _set_requires_grad(model, indices, layers_path, False)
+
+
+def unfreeze_layers(model: nn.Module, indices: Sequence[int], layers_path: str | None = None) -> None:
+    """Train the given decoder blocks again (``requires_grad=True`` on all their parameters).
+
+    Args:
+        model: an HF model or a module holding one (see :func:`drop_layers`).
+        indices: unique block positions in ``[0, num_layers - 1]``, current numbering.
+        layers_path: dotted path of the block ``ModuleList`` for models not in the architecture table.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+        ...                                      num_attention_heads=4, vocab_size=128))
+        >>> freeze_layers(model, [0]); unfreeze_layers(model, [0])
+        >>> all(p.requires_grad for p in model.model.layers[0].parameters())
+        True
+    """
+    _set_requires_grad(model, indices, layers_path, True)
+
+
+def drop_optimizer_params(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor]) -> int:
+    """Forget ``params`` in ``optimizer``, in place: remove them from ``param_groups`` and their ``state``.
+
+    Survivors keep their state (Adam moments, momentum buffers). A group left without parameters stays, with an
+    empty ``params`` list, so LR schedulers (one LR per group) keep their alignment. ``state_dict`` /
+    ``load_state_dict`` keep working, and a checkpoint taken afterwards fits the pruned model.
+
+    Args:
+        optimizer: a ``torch.optim.Optimizer`` (or Lightning's ``LightningOptimizer`` wrapping one).
+        params: the tensors to forget, typically ``removed_block.parameters()``; unknown tensors are ignored.
+
+    Returns:
+        How many parameters were removed from the groups.
+
+    Example:
+        >>> layer_a, layer_b = nn.Linear(2, 2), nn.Linear(2, 2)
+        >>> opt = torch.optim.Adam([*layer_a.parameters(), *layer_b.parameters()])
+        >>> drop_optimizer_params(opt, layer_b.parameters())
+        2
+        >>> len(opt.param_groups[0]["params"])
+        2
+    """
+    param_groups = getattr(optimizer, "param_groups", None)
+    if not isinstance(param_groups, list):
+        raise TypeError(f"`optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}.")
+    dead: dict[int, torch.Tensor] = {}
+    for param in params:
+        if not isinstance(param, torch.Tensor):
+            raise TypeError(f"`params` must hold tensors, got {type(param).__name__}.")
+        dead[id(param)] = param
+    removed = 0
+    for group in param_groups:
+        alive = [p for p in group["params"] if id(p) not in dead]
+        removed += len(group["params"]) - len(alive)
+        group["params"] = alive
+    for param in dead.values():
+        optimizer.state.pop(param, None)  # state is keyed by the tensor itself
+    return removed
