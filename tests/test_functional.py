@@ -96,12 +96,14 @@ def test_low_precision_inputs_within_1e4_of_fp64(dtype):
     assert block_influence_stats(x_low, y_low).total.dtype == torch.float64
 
 
-def test_accurate_for_nearly_parallel_vectors():
-    x = torch.randn(1, 32, 512, dtype=torch.float64)
-    y = x + 1e-4 * torch.randn_like(x)
+@pytest.mark.parametrize("eps", [1e-1, 1e-2, 1e-3], ids=["bi~5e-3", "bi~5e-5", "bi~5e-7"])
+def test_fp32_math_accurate_for_redundant_blocks(eps):
+    x = torch.randn(4, 64, 576, dtype=torch.float64)
+    y = x + eps * torch.randn_like(x)
     exact = naive_bi(x, y).item()
-    ours = block_influence(x.float(), y.float()).item()
-    assert ours == pytest.approx(exact, rel=1e-2)  # 1 - cos via |u - v|^2/2 keeps ~1e-9 values
+    assert block_influence(x.float(), y.float()).item() == pytest.approx(exact, abs=1e-7)
+    exact_angle = (torch.arccos(F.cosine_similarity(x, y, dim=-1).clamp(-1, 1)) / math.pi).mean().item()
+    assert angular_distance(x.float(), y.float()).item() == pytest.approx(exact_angle, abs=1e-5)
 
 
 def test_from_hidden_states_shapes_and_values():
