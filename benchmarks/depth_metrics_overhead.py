@@ -13,7 +13,7 @@ The model is a small Llama on random tokens; each step is timed by a clock callb
 itself, the monitor does not).
 
 To run:
-    python benchmarks/depth_metrics_overhead.py                  # CPU, about a minute
+    python benchmarks/depth_metrics_overhead.py                  # CPU, 1 thread, under a minute
     python benchmarks/depth_metrics_overhead.py --runs 3         # also separate A/B runs
     python benchmarks/depth_metrics_overhead.py --device cuda --hidden 512 --layers 8 --steps 400
 """
@@ -177,7 +177,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--runs", type=int, default=0, help="also this many separate with/without run pairs")
     parser.add_argument("--log-every", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (1: far less noise on a shared machine; 0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     torch.set_float32_matmul_precision("high")
 
@@ -190,6 +194,9 @@ def main() -> None:
     print(f"{'':40}{'without':>12}{'with':>12}{'ratio':>10}")
     print(f"{'alternating steps: median step (ms)':40}{base * 1e3:>12.3f}{mon * 1e3:>12.3f}{mon / base:>10.4f}"
           f"   ({len(without)} + {len(with_)} steps)")
+    # noise floor: the same comparison between the even and odd halves of the steps without the monitor (A vs A)
+    a_vs_a = statistics.median(without[1::2]) / statistics.median(without[0::2])
+    print(f"{'  noise floor (without vs without)':40}{'':>24}{a_vs_a:>10.4f}")
     if args.runs:
         a: list[float] = []
         b: list[float] = []
