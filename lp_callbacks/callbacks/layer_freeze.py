@@ -372,10 +372,10 @@ class LayerFreezeCallback(Callback):
         self.record: dict[str, Any] = {}
         self.history: list[dict[str, Any]] = []
         self._last_decision_step: int | None = None
-        self._restored_blocks: list[int] | None = None
         # bound to one fit (on_fit_start)
         self._monitor: BlockInfluenceMonitor | None = None
         self._layers: nn.ModuleList | None = None
+        self._count = 0  # blocks to freeze, from the amount and the model's depth
         self._block_params: list[list[nn.Parameter]] = []
         self._fixed_frozen: dict[int, nn.Parameter] = {}  # protected modules and also_freeze
         self._fixed_names: list[str] = []
@@ -409,8 +409,7 @@ class LayerFreezeCallback(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._bind(trainer, pl_module)
-        if self._restored_blocks is not None:  # resume: the same set, before the optimizer state loads
-            self.frozen_blocks, self._restored_blocks = self._restored_blocks, None
+        if self.frozen_blocks is not None:  # resume (or a second fit): the same set, before optimizer state loads
             self._apply(trainer, pl_module, self.frozen_blocks)
         elif self.source == "scores":
             self._decide(trainer, pl_module, self.scores, "scores")
@@ -454,7 +453,6 @@ class LayerFreezeCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         blocks = state_dict.get("frozen_blocks")
         self.frozen_blocks = None if blocks is None else [int(i) for i in blocks]
-        self._restored_blocks = self.frozen_blocks
         self._last_decision_step = state_dict.get("last_decision_step")
         self.record = dict(state_dict.get("record", {}))
         self.history = list(state_dict.get("history", []))
@@ -482,9 +480,9 @@ class LayerFreezeCallback(Callback):
                 f"`scores` must hold one value per decoder block: the model has {num_layers} blocks, got"
                 f" {len(self.scores)} scores."
             )
-        if self._restored_blocks is not None and any(not 0 <= i < num_layers for i in self._restored_blocks):
+        if self.frozen_blocks is not None and any(not 0 <= i < num_layers for i in self.frozen_blocks):
             raise RuntimeError(
-                f"LayerFreezeCallback: the checkpoint freezes blocks {self._restored_blocks} but the model has"
+                f"LayerFreezeCallback: the checkpoint freezes blocks {self.frozen_blocks} but the model has"
                 f" {num_layers} decoder blocks. Resume with the model the checkpoint was trained with."
             )
         owner = get_layers_owner(pl_module, self.layers_path)
