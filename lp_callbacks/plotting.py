@@ -116,6 +116,7 @@ def plot_bi_heatmap(
     events: Iterable[DepthEvent | Mapping[str, Any]] = (),
     original_num_layers: int | None = None,
     path: str | os.PathLike[str] | None = None,
+    log_scale: bool | None = None,
 ) -> Figure:
     """Heatmap of BI, original layer index (rows) x step (columns); removed layers in grey; events as lines.
 
@@ -124,6 +125,8 @@ def plot_bi_heatmap(
         events: :class:`DepthEvent` (or their dicts), drawn as dashed vertical lines coloured by kind.
         original_num_layers: depth before any removal (rows of the map).
         path: write the PNG there too.
+        log_scale: logarithmic colours; ``None`` chooses them when the largest BI is over 20 times the smallest
+            (typical of real models, whose first block dwarfs the others).
     """
     events = [_event_dict(e) for e in events]
     matrix, steps = bi_matrix(history, original_num_layers)
@@ -135,9 +138,16 @@ def plot_bi_heatmap(
 
         ax = fig.add_subplot()
         cmap = matplotlib.colormaps["viridis"].with_extremes(bad=_REMOVED_COLOR)
+        positive = matrix[np.isfinite(matrix) & (matrix > 0)]
+        if log_scale is None:
+            log_scale = positive.size > 0 and positive.max() > 20 * positive.min()
+        norm = None
+        if log_scale and positive.size:
+            norm = matplotlib.colors.LogNorm(vmin=positive.min(), vmax=positive.max())
+            matrix = np.where(matrix > 0, matrix, np.nan)  # log of 0: shown like a missing value
         mesh = ax.pcolormesh(_edges(steps), np.arange(matrix.shape[0] + 1) - 0.5,
-                             np.ma.masked_invalid(matrix), cmap=cmap, shading="flat")
-        fig.colorbar(mesh, ax=ax, label="Block Influence (1 - cos)")
+                             np.ma.masked_invalid(matrix), cmap=cmap, norm=norm, shading="flat")
+        fig.colorbar(mesh, ax=ax, label="Block Influence (1 - cos)" + (", log scale" if norm is not None else ""))
         _event_lines(ax, events)
         ax.set_xlabel("step")
         ax.set_ylabel("original layer")

@@ -58,6 +58,16 @@ def test_heatmap_grey_for_removed(tmp_path):
     _valid_png(tmp_path / HEATMAP_FILE)
 
 
+def test_heatmap_log_colours_when_bi_spans_decades():
+    from matplotlib.colors import LogNorm
+
+    wide = [{"step": 1, "original_indices": [0, 1, 2], "block_influence": [1.0, 0.02, 0.03]}]
+    assert isinstance(plot_bi_heatmap(wide).axes[0].collections[0].norm, LogNorm)
+    narrow = [{"step": 1, "original_indices": [0, 1, 2], "block_influence": [0.3, 0.1, 0.2]}]
+    assert not isinstance(plot_bi_heatmap(narrow).axes[0].collections[0].norm, LogNorm)
+    assert not isinstance(plot_bi_heatmap(wide, log_scale=False).axes[0].collections[0].norm, LogNorm)
+
+
 def test_profile_and_events_pngs(tmp_path):
     last = HISTORY[-1]
     plot_bi_profile(last["block_influence"], last["original_indices"], original_num_layers=4, threshold=0.05,
