@@ -34,7 +34,7 @@ from lp_callbacks.architectures import (
     resolve_layers_path,
 )
 
-__all__ = ["drop_layers", "drop_optimizer_params", "freeze_layers", "unfreeze_layers"]
+__all__ = ["drop_layers", "drop_optimizer_params", "freeze_layers", "original_layer_indices", "unfreeze_layers"]
 
 # The Qwen-MoE rule's list of blocks forced dense (see `Architecture.moe_sparse_step_field`).
 _MLP_ONLY_FIELD = "mlp_only_layers"
@@ -192,6 +192,24 @@ def _plan_config(config: Any, arch: Architecture, num_layers: int, kept: list[in
     return updates
 
 
+# Each block remembers its position in the original model as a plain attribute (not in state_dict, not exported),
+# so every callback agrees on the original numbering whatever removed what.
+_ORIGINAL_INDEX = "_lp_original_index"
+
+
+def original_layer_indices(model: nn.Module, layers_path: str | None = None) -> list[int]:
+    """The original index of each current block: ``[0, 1, ..., L-1]`` until blocks are removed.
+
+    The first call on a model labels its blocks with their current positions; :func:`drop_layers` keeps the
+    survivors' labels, so after removing blocks 2 and 5 of 8 this returns ``[0, 1, 3, 4, 6, 7]``.
+    """
+    layers = get_decoder_layers(model, layers_path)
+    for position, layer in enumerate(layers):
+        if not hasattr(layer, _ORIGINAL_INDEX):
+            setattr(layer, _ORIGINAL_INDEX, position)
+    return [getattr(layer, _ORIGINAL_INDEX) for layer in layers]
+
+
 def drop_layers(model: nn.Module, indices: Sequence[int], layers_path: str | None = None) -> list[int]:
     """Remove decoder blocks physically, in place, and keep the model consistent.
 
@@ -245,6 +263,7 @@ def drop_layers(model: nn.Module, indices: Sequence[int], layers_path: str | Non
     ]
     idx_updates = _plan_layer_idx(layers, kept)
 
+    original_layer_indices(model, layers_path)  # label the blocks before they move
     survivors = [layers[i] for i in kept]
     del layers[:]  # in place: whoever holds this ModuleList sees the new depth
     layers.extend(survivors)

@@ -122,12 +122,12 @@ class TinyLM(pl.LightningModule):
     """What a user writes: an HF causal LM attribute and a loss; nothing specific to lp_callbacks."""
 
     def __init__(self, family: str = "llama", num_layers: int = LAYERS, lr: float = 1e-2, optimizer: str = "adam",
-                 seed: int = 0, gradient_checkpointing: bool = False) -> None:
+                 seed: int = 0, gradient_checkpointing: bool = False, scheduler: bool = False) -> None:
         super().__init__()
         self.model = tiny_model(family, num_layers, seed).train()
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.lr, self.optimizer_name = lr, optimizer
+        self.lr, self.optimizer_name, self.use_scheduler = lr, optimizer, scheduler
 
     def forward(self, input_ids, attention_mask=None):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
@@ -145,10 +145,15 @@ class TinyLM(pl.LightningModule):
 
     def configure_optimizers(self):
         if self.optimizer_name == "sgd":
-            return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
-        if self.optimizer_name == "adamw":
-            return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.1)
-        return torch.optim.Adam(self.parameters(), lr=self.lr)
+            optimizer = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+        elif self.optimizer_name == "adamw":
+            optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.1)
+        else:
+            optimizer = torch.optim.Adam(self.parameters(), lr=self.lr)
+        if not self.use_scheduler:
+            return optimizer
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 def loader(length: int = 32, batch_size: int = 4, seq_len: int = 16, seed: int = 0, pad: bool = True) -> DataLoader:

@@ -16,6 +16,7 @@ from torch import Tensor
 from lp_callbacks.architectures import find_hf_model
 from lp_callbacks.measure import _model_inputs
 from lp_callbacks.recorder import BlockInfluenceRecorder
+from lp_callbacks.surgery import original_layer_indices
 
 __all__ = ["BlockInfluenceMonitor", "find_monitor"]
 
@@ -215,11 +216,12 @@ class BlockInfluenceMonitor(Callback):
 
         Re-hooks the new block list, keeps the original numbering of the survivors, and resets the statistics.
         """
-        if self.original_indices is not None:
-            gone = set(indices)
-            self.original_indices = [orig for i, orig in enumerate(self.original_indices) if i not in gone]
         if self.recorder is not None:
             self.recorder.attach()
+            self.original_indices = original_layer_indices(self.recorder.model, self.layers_path)
+        elif self.original_indices is not None:
+            gone = set(indices)
+            self.original_indices = [orig for i, orig in enumerate(self.original_indices) if i not in gone]
         self.reset()
 
     def flush(self, trainer: pl.Trainer) -> None:
@@ -324,15 +326,14 @@ class BlockInfluenceMonitor(Callback):
             return
         self.recorder = BlockInfluenceRecorder(pl_module, self.layers_path, self.block_sizes)
         num_layers = self.recorder.num_layers
-        if self.original_indices is None:
-            self.original_indices = list(range(num_layers))
-        elif len(self.original_indices) != num_layers:
+        if self.original_indices is not None and len(self.original_indices) != num_layers:
             self._detach()
             raise RuntimeError(
                 f"BlockInfluenceMonitor: the checkpoint records {len(self.original_indices)} decoder layers"
                 f" (original indices {self.original_indices}) but the model has {num_layers}. Resume a pruned run"
                 " with the same LayerPruneCallback in the Trainer so it rebuilds the pruned model first."
             )
+        self.original_indices = original_layer_indices(pl_module, self.layers_path)
 
     def _detach(self) -> None:
         if self.recorder is not None:

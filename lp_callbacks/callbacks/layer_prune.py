@@ -1,0 +1,392 @@
+"""``LayerPruneCallback``: remove redundant decoder blocks at scheduled points, and keep training."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from lp_callbacks.architectures import find_hf_model, get_decoder_layers
+from lp_callbacks.callbacks.block_influence import BlockInfluenceMonitor, find_monitor
+from lp_callbacks.distributed import check_strategy_supported, rebuild_ddp
+from lp_callbacks.events import DepthEvent
+from lp_callbacks.schedules import GradualSchedule, PruneSchedule, split_evenly
+from lp_callbacks.selection import CRITERIA, best_contiguous_block, last_layers, lowest_scores, random_layers
+from lp_callbacks.surgery import drop_layers, drop_optimizer_params, original_layer_indices
+
+__all__ = ["LayerPruneCallback"]
+
+_EXPORT_WHEN = ("fit_end", "event", "both", "never")
+RECORD_FILE = "lp_pruning.json"
+
+
+def _nonneg_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"`{name}` must be an int >= 0, got {value!r}.")
+
+
+class LayerPruneCallback(Callback):
+    r"""Delete the least important decoder blocks at scheduled points of a run; training goes on and heals the model.
+
+    At each event the blocks are chosen from Block Influence measured on the *current* model since the previous
+    event (by the :class:`~lp_callbacks.BlockInfluenceMonitor` in the Trainer, created when absent), removed
+    physically with :func:`~lp_callbacks.surgery.drop_layers` (config, ``layer_idx``, per-layer fields kept
+    consistent), dropped from the optimizers in place (survivors keep their Adam moments, the LR scheduler keeps
+    its place), and, under DDP, every rank removes the blocks rank 0 chose and the wrapper is rebuilt.
+    A resumed run (``fit(ckpt_path=...)``) rebuilds the pruned architecture in ``setup``, before the weights load.
+
+    Args:
+        num_layers: total number of blocks to remove over all events.
+        fraction: or the total as a fraction of the original depth, in (0, 1).
+        layers_per_event: or the number removed at each event (total = this x number of events).
+        at_steps: events after these optimizer steps (``trainer.global_step`` values; exact under accumulation).
+        at_epochs: or at the end of these epochs (0-based).
+        gradual: or a :class:`~lp_callbacks.schedules.GradualSchedule` (or dict ``start_step``, ``end_step``,
+            ``num_events``) spreading the removals over a range of steps.
+        criterion: ``"block_influence"`` (ShortGPT: lowest BI), ``"angular"`` (Gromov: the contiguous run with the
+            smallest angular distance between its input and output), ``"last"`` (the deepest blocks, a baseline) or
+            ``"random"`` (a baseline, seeded by ``seed``).
+        min_layers: floor: never fewer blocks than this.
+        protect_first: the first N original blocks are never removed (the first block of an LLM has BI ~ 1).
+        protect_last: the last N original blocks are never removed.
+        protected_layers: more original block indices never removed.
+        seed: seed of the ``"random"`` criterion.
+        export_dir: where to ``save_pretrained`` the pruned model (with ``tokenizer`` and ``lp_pruning.json``).
+        export_when: ``"fit_end"`` (to ``export_dir``), ``"event"`` (to ``<export_dir>_step_<k>`` after each event),
+            ``"both"`` or ``"never"``. Each export is written to a temporary directory first, then renamed.
+        tokenizer: saved next to the exported model when given.
+        layers_path: dotted path of the block list for custom models.
+
+    Example:
+        >>> prune = LayerPruneCallback(num_layers=6, at_steps=[200, 400], export_dir="pruned")
+        >>> trainer = pl.Trainer(callbacks=[BlockInfluenceMonitor(), prune], max_steps=1000)  # doctest: +SKIP
+        >>> trainer.fit(module, datamodule)  # doctest: +SKIP
+        >>> prune.removed[0]["original_layers"]  # doctest: +SKIP
+        [14, 21, 25]
+    """
+
+    def __init__(
+        self,
+        num_layers: int | None = None,
+        fraction: float | None = None,
+        layers_per_event: int | None = None,
+        at_steps: Sequence[int] | None = None,
+        at_epochs: Sequence[int] | None = None,
+        gradual: GradualSchedule | Mapping[str, int] | None = None,
+        criterion: Literal["block_influence", "angular", "last", "random"] = "block_influence",
+        min_layers: int = 1,
+        protect_first: int = 1,
+        protect_last: int = 1,
+        protected_layers: Sequence[int] = (),
+        seed: int = 0,
+        export_dir: str | os.PathLike | None = None,
+        export_when: Literal["fit_end", "event", "both", "never"] = "fit_end",
+        tokenizer: Any = None,
+        layers_path: str | None = None,
+    ) -> None:
+        amounts = {k: v for k, v in (("num_layers", num_layers), ("fraction", fraction), ("layers_per_event", layers_per_event)) if v is not None}
+        if len(amounts) != 1:
+            raise ValueError(f"give exactly one of `num_layers`, `fraction` or `layers_per_event`, got {sorted(amounts) or 'none'}.")
+        for name in ("num_layers", "layers_per_event"):
+            value = amounts.get(name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+        if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1):
+            raise ValueError(f"`fraction` must be a number in (0, 1), got {fraction!r}.")
+        if criterion not in CRITERIA:
+            raise ValueError(f"`criterion` must be one of {CRITERIA}, got {criterion!r}.")
+        if isinstance(min_layers, bool) or not isinstance(min_layers, int) or min_layers < 1:
+            raise ValueError(f"`min_layers` must be a positive int, got {min_layers!r}.")
+        _nonneg_int("protect_first", protect_first)
+        _nonneg_int("protect_last", protect_last)
+        for i in protected_layers:
+            _nonneg_int("protected_layers", i)
+        if export_when not in _EXPORT_WHEN:
+            raise ValueError(f"`export_when` must be one of {_EXPORT_WHEN}, got {export_when!r}.")
+        if export_dir is None and export_when != "fit_end":
+            raise ValueError(f"`export_when={export_when!r}` needs `export_dir`, got None.")
+
+        self.schedule = PruneSchedule.from_args(at_steps, at_epochs, gradual)
+        self.num_layers, self.fraction, self.layers_per_event = num_layers, fraction, layers_per_event
+        self.criterion = criterion
+        self.min_layers = min_layers
+        self.protect_first, self.protect_last = protect_first, protect_last
+        self.protected_layers = tuple(protected_layers)
+        self.seed = seed
+        self.export_dir = Path(export_dir) if export_dir is not None else None
+        self.export_when = export_when
+        self.tokenizer = tokenizer
+        self.layers_path = layers_path
+
+        self.original_num_layers: int | None = None
+        self.original_indices: list[int] | None = None  # original index of each current block
+        self.plan: dict[str, int] = {}  # event id -> blocks to remove
+        self.removed: list[dict[str, Any]] = []  # one record per event that fired
+        self.depth_events: list[DepthEvent] = []  # read by DepthEfficiencyMonitor
+        self._monitor: BlockInfluenceMonitor | None = None
+        self._step_at_batch_start: int | None = None
+        self._resume_hook: Any = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(schedule=self.schedule.event_ids(), criterion=self.criterion)
+
+    @property
+    def done_events(self) -> list[str]:
+        return [r["event"] for r in self.removed]
+
+    # ================================================================ setup: validate, rebuild on resume
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        check_strategy_supported(trainer, "LayerPruneCallback")
+        self._monitor = self._find_or_add_monitor(trainer)
+        self.original_indices = original_layer_indices(pl_module, self.layers_path)
+        if self.original_num_layers is None:
+            self.original_num_layers = len(self.original_indices)
+        self._make_plan(trainer)
+        if self.criterion == "angular" and self._monitor is not None:
+            for block_size in set(self.plan.values()):
+                self._monitor.track_block_size(block_size)  # Gromov needs distances over exactly that many blocks
+        # Lightning loads a resumed checkpoint's weights (strictly) after setup and before this callback's state:
+        # a pre-hook on the module's load_state_dict rebuilds the pruned architecture just in time.
+        self._resume_hook = pl_module.register_load_state_dict_pre_hook(self._rebuild_before_weights_load(trainer))
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_resume_hook()
+
+    def _remove_resume_hook(self) -> None:
+        if self._resume_hook is not None:
+            self._resume_hook.remove()
+            self._resume_hook = None
+
+    def _rebuild_before_weights_load(self, trainer: pl.Trainer):
+        def hook(module: nn.Module, *args: Any, **kwargs: Any) -> None:
+            if self._resume_hook is not None:  # once (removing the handle here would mutate the hooks being iterated)
+                self._resume_hook = None
+                self._replay(module, self._records_in_checkpoint(trainer))  # trainer.ckpt_path is set by now
+
+        return hook
+
+    def _find_or_add_monitor(self, trainer: pl.Trainer) -> BlockInfluenceMonitor | None:
+        if self.criterion not in ("block_influence", "angular"):
+            return find_monitor(trainer)
+        monitor = find_monitor(trainer)
+        if monitor is None:
+            # Appended during the setup loop: Lightning goes on to call its setup and restores its state too.
+            monitor = BlockInfluenceMonitor(layers_path=self.layers_path)
+            trainer.callbacks.append(monitor)  # type: ignore[attr-defined]
+        return monitor
+
+    def _make_plan(self, trainer: pl.Trainer) -> None:
+        """Blocks per event, validated against the model and the Trainer before any training step."""
+        total_layers = self.original_num_layers or 0
+        events = self.schedule.event_ids()
+        if self.layers_per_event is not None:
+            counts = [self.layers_per_event] * len(events)
+        else:
+            total = self.num_layers if self.num_layers is not None else math.floor(self.fraction * total_layers + 0.5)
+            if total < 1:
+                raise ValueError(f"`fraction={self.fraction}` of {total_layers} layers removes no layer; raise it.")
+            if total < len(events):
+                raise ValueError(f"{total} layer(s) to remove cannot be spread over {len(events)} events; give fewer events.")
+            counts = split_evenly(total, len(events))
+        total = sum(counts)
+        protected = self._protected_original()
+        removable = total_layers - len(protected)
+        floor = max(self.min_layers, len(protected))
+        if total > removable or total_layers - total < self.min_layers:
+            raise ValueError(
+                f"cannot remove {total} of the model's {total_layers} decoder layers: at most"
+                f" {min(removable, total_layers - self.min_layers)} can go (min_layers={self.min_layers},"
+                f" {len(protected)} protected: {sorted(protected)}); {floor} must remain."
+            )
+        if self.criterion == "angular" and len(set(counts)) > 1:
+            raise ValueError(f"`criterion='angular'` removes one contiguous block per event: give a total divisible by the {len(events)} events (got {counts}).")
+        max_steps = trainer.max_steps
+        late = [s for s in self.schedule.steps if max_steps is not None and max_steps > 0 and s > max_steps]
+        if late:
+            raise ValueError(f"`at_steps`/`gradual` has steps {late} past the Trainer's max_steps={max_steps}; they would never fire.")
+        max_epochs = trainer.max_epochs
+        late = [e for e in self.schedule.epochs if max_epochs is not None and max_epochs > 0 and e >= max_epochs]
+        if late:
+            raise ValueError(f"`at_epochs` has epochs {late} that a run of max_epochs={max_epochs} never ends (epochs are 0-based).")
+        self.plan = dict(zip(events, counts))
+
+    def _protected_original(self) -> set[int]:
+        n = self.original_num_layers or 0
+        bad = [i for i in self.protected_layers if i >= n]
+        if bad:
+            raise ValueError(f"`protected_layers` must be original block indices in [0, {n - 1}], got {bad}.")
+        return set(range(min(self.protect_first, n))) | set(range(max(0, n - self.protect_last), n)) | set(self.protected_layers)
+
+    def _records_in_checkpoint(self, trainer: pl.Trainer) -> list[dict[str, Any]]:
+        """Removal records of every LayerPruneCallback saved in the checkpoint being resumed, oldest first."""
+        path = trainer.ckpt_path
+        if not path or not Path(path).is_file():
+            return []
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)  # mmap: weights stay on disk
+        records = [
+            record
+            for key, state in checkpoint.get("callbacks", {}).items()
+            if key.startswith(type(self).__name__)
+            for record in state.get("removed", [])
+        ]
+        return sorted(records, key=lambda r: r["step"])
+
+    def _replay(self, pl_module: nn.Module, records: list[dict[str, Any]]) -> None:
+        """Remove the recorded original blocks again, in order; records already applied (by another instance) are skipped."""
+        for record in records:
+            present = original_layer_indices(pl_module, self.layers_path)
+            wanted = record["original_layers"]
+            if not set(wanted) & set(present):
+                continue
+            if not set(wanted) <= set(present):
+                raise RuntimeError(f"LayerPruneCallback: cannot replay removal {record} on blocks {present}.")
+            drop_layers(pl_module, [present.index(o) for o in wanted], self.layers_path)
+        self.original_indices = original_layer_indices(pl_module, self.layers_path)
+        if records:
+            rank_zero_info(f"LayerPruneCallback: rebuilt the pruned model from the checkpoint ({len(self.original_indices)} blocks).")
+
+    # ================================================================ events
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._step_at_batch_start = trainer.global_step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # global_step moved iff the optimizer stepped: under gradient accumulation, only the last micro-batch.
+        if self._step_at_batch_start is None or trainer.global_step == self._step_at_batch_start:
+            return
+        for step in self.schedule.steps:
+            event = f"step:{step}"
+            if step <= trainer.global_step and event not in self.done_events:
+                self._prune(trainer, pl_module, event)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        event = f"epoch:{trainer.current_epoch}"
+        if trainer.current_epoch in self.schedule.epochs and event not in self.done_events:
+            self._prune(trainer, pl_module, event)
+
+    def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, event: str) -> None:
+        started = time.perf_counter()
+        count = self.plan[event]
+        chosen, scores = self._choose(trainer, count, event)
+        chosen = trainer.strategy.broadcast(chosen, src=0)  # every rank removes what rank 0 chose
+        scores = trainer.strategy.broadcast(scores, src=0)
+        layers = get_decoder_layers(pl_module, self.layers_path)
+        dead = [p for i in chosen for p in layers[i].parameters()]
+        original = [self.original_indices[i] for i in chosen]
+        drop_layers(pl_module, chosen, self.layers_path)
+        self.original_indices = original_layer_indices(pl_module, self.layers_path)
+        for optimizer in trainer.optimizers:
+            drop_optimizer_params(optimizer, dead)
+        rebuild_ddp(trainer)
+        if self._monitor is not None:
+            self._monitor.layers_removed(chosen)  # re-hook; next decision uses BI of the new model only
+        seconds = time.perf_counter() - started
+        record = {
+            "event": event, "step": trainer.global_step, "epoch": trainer.current_epoch, "criterion": self.criterion,
+            "current_indices": chosen, "original_layers": original, "scores": scores,
+            "num_layers_after": len(self.original_indices), "seconds": seconds,
+        }
+        self.removed.append(record)
+        self.depth_events.append(DepthEvent(step=trainer.global_step, kind="prune", original_layers=original,
+                                            scores=scores if len(scores) == len(original) else [],
+                                            detail=f"{self.criterion}: -{len(original)} -> {len(self.original_indices)} blocks"))
+        rank_zero_info(
+            f"LayerPruneCallback: step {trainer.global_step}: removed original blocks {original} ({self.criterion}"
+            f" scores {[round(s, 4) for s in scores]}); {len(self.original_indices)} remain; took {seconds:.2f}s."
+        )
+        for logger in trainer.loggers:
+            logger.log_metrics({"prune/num_layers": float(len(self.original_indices)), "prune/event_seconds": seconds}, step=trainer.global_step)
+        if self.export_when in ("event", "both") and self.export_dir is not None:
+            # a sibling, not a child: the final export replaces export_dir as a whole
+            self.export(trainer, pl_module, self.export_dir.with_name(f"{self.export_dir.name}_step_{trainer.global_step}"))
+
+    def _choose(self, trainer: pl.Trainer, count: int, event: str) -> tuple[list[int], list[float]]:
+        self.original_indices = original_layer_indices(trainer.lightning_module, self.layers_path)  # another pruner may have acted
+        protected = {i for i, o in enumerate(self.original_indices) if o in self._protected_original()}
+        num_layers = len(self.original_indices)
+        if self.criterion == "last":
+            return last_layers(num_layers, count, protected), []
+        if self.criterion == "random":
+            return random_layers(num_layers, count, protected, seed=self.seed + len(self.removed)), []
+        monitor = self._monitor
+        if monitor is None:
+            raise RuntimeError("LayerPruneCallback lost its BlockInfluenceMonitor.")
+        monitor.flush(trainer)
+        if self.criterion == "block_influence":
+            bi = monitor.block_influence
+            if bi is None:
+                raise RuntimeError(
+                    f"LayerPruneCallback: no Block Influence was measured before event {event!r}; leave at least"
+                    f" one measured step (monitor every_n_steps={monitor.every_n_steps}) before each event."
+                )
+            chosen = lowest_scores(bi, count, protected)
+            return chosen, [float(bi[i]) for i in chosen]
+        monitor.track_block_size(count)
+        distances = monitor.angular_distances(count)
+        if distances is None:
+            raise RuntimeError(f"LayerPruneCallback: no angular distance over {count} blocks measured before event {event!r}.")
+        chosen = best_contiguous_block(distances, count, num_layers, protected)
+        return chosen, [float(distances[chosen[0]])] * len(chosen)
+
+    # ================================================================ export
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.export_dir is not None and self.export_when in ("fit_end", "both"):
+            self.export(trainer, pl_module, self.export_dir)
+
+    def export(self, trainer: pl.Trainer, pl_module: pl.LightningModule, directory: str | os.PathLike) -> None:
+        """``save_pretrained`` the pruned HF model (+ tokenizer, + ``lp_pruning.json``) atomically, on rank 0."""
+        if trainer.is_global_zero:
+            directory = Path(directory)
+            directory.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+            try:
+                find_hf_model(pl_module).save_pretrained(tmp)
+                if self.tokenizer is not None:
+                    self.tokenizer.save_pretrained(tmp)
+                (tmp / RECORD_FILE).write_text(json.dumps(self.record(), indent=2))
+                if directory.exists():
+                    shutil.rmtree(directory)
+                tmp.rename(directory)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            rank_zero_info(f"LayerPruneCallback: exported the {len(self.original_indices or [])}-block model to {directory}")
+        trainer.strategy.barrier("lp_callbacks_export")
+
+    def record(self) -> dict[str, Any]:
+        """What was removed, when and why: plain types, as written next to the export."""
+        return {
+            "original_num_layers": self.original_num_layers,
+            "kept_original_layers": self.original_indices,
+            "events": self.removed,
+            "criterion": self.criterion,
+        }
+
+    # ================================================================ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "original_num_layers": self.original_num_layers,
+            "original_indices": self.original_indices,
+            "removed": self.removed,
+            "depth_events": [e.to_dict() for e in self.depth_events],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.removed = [dict(r) for r in state_dict.get("removed", [])]
+        self.original_num_layers = state_dict.get("original_num_layers", self.original_num_layers)
+        # original_indices stay those of the model, rebuilt before the weights loaded
+        self.depth_events = [DepthEvent.from_dict(d) for d in state_dict.get("depth_events", [])]

@@ -1,0 +1,72 @@
+"""Which blocks to remove: pure functions over scores in the model's current numbering.
+
+Example:
+    >>> lowest_scores(torch.tensor([0.9, 0.1, 0.3, 0.05]), 2, protected={3})
+    [1, 2]
+    >>> best_contiguous_block(torch.tensor([0.4, 0.2, 0.3]), block_size=2, num_layers=4, protected={0})
+    [1, 2]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+import torch
+from torch import Tensor
+
+__all__ = ["CRITERIA", "best_contiguous_block", "last_layers", "lowest_scores", "random_layers"]
+
+#: Selection criteria of :class:`~lp_callbacks.callbacks.LayerPruneCallback`.
+CRITERIA: tuple[str, ...] = ("block_influence", "angular", "last", "random")
+
+
+def _candidates(num_layers: int, protected: Collection[int]) -> list[int]:
+    return [i for i in range(num_layers) if i not in protected]
+
+
+def _check_enough(k: int, candidates: list[int], num_layers: int, protected: Collection[int]) -> None:
+    if k > len(candidates):
+        raise ValueError(
+            f"cannot remove {k} of {num_layers} layers: only {len(candidates)} are not protected (protected: {sorted(protected)})."
+        )
+
+
+def lowest_scores(scores: Tensor, k: int, protected: Collection[int] = ()) -> list[int]:
+    """ShortGPT: the ``k`` unprotected layers with the lowest score (NaN = not measured = never chosen), sorted."""
+    candidates = _candidates(len(scores), protected)
+    _check_enough(k, candidates, len(scores), protected)
+    values = torch.nan_to_num(scores.double()[candidates], nan=float("inf"))
+    order = torch.argsort(values, stable=True)[:k]
+    return sorted(candidates[i] for i in order.tolist())
+
+
+def best_contiguous_block(distances: Tensor, block_size: int, num_layers: int, protected: Collection[int] = ()) -> list[int]:
+    """Gromov et al.: the run of ``block_size`` layers whose input and output are closest (smallest angular distance).
+
+    ``distances[l]`` is the angular distance from the input of layer l to the output of layer l + block_size - 1.
+    """
+    if len(distances) != num_layers - block_size + 1:
+        raise ValueError(f"expected {num_layers - block_size + 1} distances for block_size={block_size}, got {len(distances)}.")
+    best, best_value = None, float("inf")
+    for start, value in enumerate(torch.nan_to_num(distances.double(), nan=float("inf")).tolist()):
+        block = range(start, start + block_size)
+        if value < best_value and not any(i in protected for i in block):
+            best, best_value = list(block), value
+    if best is None:
+        raise ValueError(f"no contiguous run of {block_size} unprotected, measured layers among {num_layers} (protected: {sorted(protected)}).")
+    return best
+
+
+def last_layers(num_layers: int, k: int, protected: Collection[int] = ()) -> list[int]:
+    """Baseline: the ``k`` deepest unprotected layers."""
+    candidates = _candidates(num_layers, protected)
+    _check_enough(k, candidates, num_layers, protected)
+    return candidates[len(candidates) - k :]
+
+
+def random_layers(num_layers: int, k: int, protected: Collection[int] = (), seed: int = 0) -> list[int]:
+    """Baseline: ``k`` unprotected layers drawn with a private generator (the global RNG is left alone)."""
+    candidates = _candidates(num_layers, protected)
+    _check_enough(k, candidates, num_layers, protected)
+    order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(seed))[:k]
+    return sorted(candidates[i] for i in order.tolist())

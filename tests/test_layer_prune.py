@@ -1,0 +1,304 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from conftest import LAYERS, TinyLM, fast_trainer, loader, random_batch
+from lp_callbacks import BlockInfluenceMonitor, block_influence, get_decoder_layers
+from lp_callbacks.callbacks.layer_prune import LayerPruneCallback
+from lp_callbacks.schedules import GradualSchedule
+
+
+def n_layers(module):
+    return len(get_decoder_layers(module))
+
+
+def params_of(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+class Probe(pl.Callback):
+    """Records, at every optimizer step, the layer count, the LR and (before callbacks after it act) BI."""
+
+    def __init__(self):
+        self.layers, self.lrs, self.events = [], [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.layers.append((trainer.global_step, batch_idx, n_layers(pl_module)))
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+# ----------------------------------------------------------------------------------------------- what a user sees
+def test_removes_lowest_bi_layers_and_keeps_training(tmp_path):
+    module = TinyLM()
+    monitor = BlockInfluenceMonitor()
+    seen = {}
+
+    class SpyMonitor(pl.Callback):  # BI the pruner will use: measured up to and including step 3
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 3:
+                seen["bi"] = monitor.block_influence.clone()
+
+    prune = LayerPruneCallback(num_layers=2, at_steps=[3])
+    fast_trainer(tmp_path, callbacks=[monitor, SpyMonitor(), prune], max_steps=6).fit(module, loader())
+    assert n_layers(module) == LAYERS - 2 and module.model.config.num_hidden_layers == LAYERS - 2
+    event = prune.removed[0]
+    candidates = seen["bi"][1:-1]  # first and last protected by default
+    expected = sorted((torch.argsort(candidates)[:2] + 1).tolist())
+    assert event["original_layers"] == expected and event["step"] == 3
+    assert event["scores"] == pytest.approx([seen["bi"][i].item() for i in expected])
+    # the monitor goes on measuring the survivors and reports them by their original indices
+    assert monitor.original_indices == [i for i in range(LAYERS) if i not in expected]
+    assert monitor.block_influence.shape == (LAYERS - 2,) and monitor.measured_steps == 3
+    assert prune.depth_events[0].original_layers == expected
+
+
+def test_monitor_created_when_absent(tmp_path):
+    prune = LayerPruneCallback(num_layers=1, at_steps=[2])
+    trainer = fast_trainer(tmp_path, callbacks=[prune], max_steps=3)
+    trainer.fit(TinyLM(), loader())
+    assert any(isinstance(c, BlockInfluenceMonitor) for c in trainer.callbacks)
+    assert len(prune.removed) == 1
+
+
+def test_gradual_schedule_re_measures_between_events(tmp_path):
+    module = TinyLM(num_layers=8)
+    monitor = BlockInfluenceMonitor()
+    prune = LayerPruneCallback(num_layers=3, gradual={"start_step": 2, "end_step": 6, "num_events": 3})
+    probe = Probe()
+    fast_trainer(tmp_path, callbacks=[monitor, prune, probe], max_steps=8).fit(module, loader())
+    assert [r["step"] for r in prune.removed] == [2, 4, 6]
+    assert [r["num_layers_after"] for r in prune.removed] == [7, 6, 5]
+    assert [layers for step, _, layers in probe.layers] == [8, 7, 7, 6, 6, 5, 5, 5]
+    assert monitor.measured_steps == 2  # reset at the step-6 event: steps 7 and 8 measured the 5-block model
+    removed = [o for r in prune.removed for o in r["original_layers"]]
+    assert len(set(removed)) == 3 and 0 not in removed and 7 not in removed
+
+
+def test_angular_criterion_removes_a_contiguous_block(tmp_path):
+    module = TinyLM(num_layers=8)
+    monitor = BlockInfluenceMonitor()
+    prune = LayerPruneCallback(num_layers=3, at_steps=[2], criterion="angular")
+    fast_trainer(tmp_path, callbacks=[monitor, prune], max_steps=3).fit(module, loader())
+    removed = prune.removed[0]["original_layers"]
+    assert removed == list(range(removed[0], removed[0] + 3)) and 0 not in removed and 7 not in removed
+
+
+@pytest.mark.parametrize("criterion", ["last", "random"])
+def test_baselines(tmp_path, criterion):
+    prune = LayerPruneCallback(fraction=0.34, at_steps=[1], criterion=criterion, seed=3)
+    fast_trainer(tmp_path, callbacks=[prune], max_steps=2).fit(TinyLM(), loader())
+    removed = prune.removed[0]["original_layers"]
+    assert len(removed) == 2 and 0 not in removed and LAYERS - 1 not in removed
+    if criterion == "last":
+        assert removed == [LAYERS - 3, LAYERS - 2]
+
+
+# ----------------------------------------------------------------------------------------------- reliability
+def test_gradient_accumulation_one_event_at_a_step_boundary(tmp_path):  # RELIABILITY 3
+    module, probe = TinyLM(), Probe()
+    prune = LayerPruneCallback(num_layers=1, at_steps=[2])
+    fast_trainer(tmp_path, callbacks=[prune, probe], max_steps=4, accumulate_grad_batches=4).fit(module, loader(length=64))
+    assert len(prune.removed) == 1 and prune.removed[0]["step"] == 2
+    first_pruned = next(i for i, (_, _, layers) in enumerate(probe.layers) if layers == LAYERS - 1)
+    assert probe.layers[first_pruned][1] % 4 == 3  # the last micro-batch of an optimizer step
+    assert n_layers(module) == LAYERS - 1
+
+
+def test_resume_after_removal_equals_uninterrupted_run(tmp_path):  # RELIABILITY 1 and 2
+    def run(root, max_steps, callbacks=(), ckpt=None):
+        module = TinyLM(lr=1e-2, scheduler=True)
+        prune, probe = LayerPruneCallback(num_layers=2, at_steps=[3]), Probe()
+        trainer = fast_trainer(root, callbacks=[BlockInfluenceMonitor(), prune, probe, *callbacks], max_steps=max_steps,
+                               enable_checkpointing=bool(callbacks))
+        trainer.fit(module, loader(length=16), ckpt_path=ckpt)  # 4 batches an epoch
+        return module, prune, probe, trainer
+
+    full, full_prune, full_probe, _ = run(tmp_path / "full", 8)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
+    crashed, _, _, first_trainer = run(tmp_path / "crash", 4, [checkpoint])  # "crashes" after the step-4 checkpoint
+    optimizer = first_trainer.optimizers[0]
+    live = {id(p) for p in crashed.parameters()}
+    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == live  # exactly the live params
+    assert set(map(id, optimizer.state)) == live
+
+    resumed, resumed_prune, resumed_probe, trainer = run(tmp_path / "resume", 8, ckpt=str(tmp_path / "ckpt" / "epoch=0-step=4.ckpt"))
+    assert n_layers(resumed) == n_layers(full) == LAYERS - 2
+    assert len(resumed_prune.removed) == 1  # restored, not fired again
+    assert resumed_prune.removed[0]["original_layers"] == full_prune.removed[0]["original_layers"]
+    for (k, a), b in zip(params_of(full).items(), params_of(resumed).values()):
+        torch.testing.assert_close(a, b, msg=k)
+    assert resumed_probe.lrs == full_probe.lrs[4:]  # the LR schedule kept its place
+    optimizer = trainer.optimizers[0]
+    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {id(p) for p in resumed.parameters()}
+
+
+def test_survivors_keep_their_optimizer_state(tmp_path):  # RELIABILITY 2
+    module = TinyLM(scheduler=True)
+    snapshots = {}
+
+    class Snap(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 3:  # runs before the pruner (earlier in the list)
+                opt = trainer.optimizers[0]
+                snapshots.update({id(p): opt.state[p]["exp_avg"].clone() for p in pl_module.parameters()})
+                snapshots["lr"] = opt.param_groups[0]["lr"]
+
+    class After(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 3:
+                opt = trainer.optimizers[0]
+                for p in pl_module.parameters():
+                    torch.testing.assert_close(opt.state[p]["exp_avg"], snapshots[id(p)])
+                assert len(opt.state) == sum(1 for _ in pl_module.parameters())
+                assert opt.param_groups[0]["lr"] == snapshots["lr"]
+                snapshots["checked"] = True
+
+    prune = LayerPruneCallback(num_layers=2, at_steps=[3])
+    fast_trainer(tmp_path, callbacks=[Snap(), prune, After()], max_steps=5).fit(module, loader())
+    assert snapshots["checked"]
+
+
+def test_epoch_event_checkpointed_then_resumed_does_not_fire_twice(tmp_path):  # RELIABILITY 4
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1)  # saves at every epoch end, after us
+    prune = LayerPruneCallback(num_layers=1, at_epochs=[0])
+    fast_trainer(tmp_path, callbacks=[prune, checkpoint], max_epochs=1, max_steps=-1, enable_checkpointing=True).fit(
+        TinyLM(), loader(length=8)
+    )
+    assert len(prune.removed) == 1
+    resumed_prune, module = LayerPruneCallback(num_layers=1, at_epochs=[0]), TinyLM()
+    fast_trainer(tmp_path, callbacks=[resumed_prune], max_epochs=2, max_steps=-1).fit(
+        module, loader(length=8), ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=2.ckpt")
+    )
+    assert len(resumed_prune.removed) == 1 and n_layers(module) == LAYERS - 1
+
+
+def test_export_loads_without_lp_callbacks_and_generation_with_cache(tmp_path):  # RELIABILITY 7 and 8
+    module = TinyLM(family="qwen3")
+    prune = LayerPruneCallback(num_layers=2, at_steps=[2], export_dir=tmp_path / "export", export_when="both")
+    fast_trainer(tmp_path, callbacks=[prune], max_steps=3).fit(module, loader())
+    assert (tmp_path / "export_step_2" / "config.json").is_file()
+    record = json.loads((tmp_path / "export" / "lp_pruning.json").read_text())
+    assert record["events"][0]["original_layers"] == prune.removed[0]["original_layers"]
+    model = module.model.eval()
+    batch = random_batch(1, 6)
+    with torch.no_grad():
+        logits = model(**batch).logits
+    torch.save({"batch": batch, "logits": logits}, tmp_path / "expected.pt")
+    code = f"""
+import sys, torch
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained({str(tmp_path / "export")!r}).eval()
+e = torch.load({str(tmp_path / "expected.pt")!r})
+with torch.no_grad():
+    assert torch.allclose(m(**e["batch"]).logits, e["logits"], atol=1e-5)
+assert m.config.num_hidden_layers == {LAYERS - 2} and len(m.config.layer_types) == {LAYERS - 2}
+assert "lp_callbacks" not in sys.modules
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with torch.no_grad():
+        cached = model.generate(batch["input_ids"], max_new_tokens=8, do_sample=False, use_cache=True)
+        uncached = model.generate(batch["input_ids"], max_new_tokens=8, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def test_hybrid_layer_types_family_keeps_training(tmp_path):  # RELIABILITY 18 (Gemma2 sliding/full)
+    module = TinyLM(family="gemma2")
+    before = list(module.model.config.layer_types)
+    prune = LayerPruneCallback(num_layers=2, at_steps=[2])
+    fast_trainer(tmp_path, callbacks=[prune], max_steps=4).fit(module, loader())
+    kept = [i for i in range(LAYERS) if i not in prune.removed[0]["original_layers"]]
+    assert module.model.config.layer_types == [before[i] for i in kept]
+
+
+def test_ddp_ranks_remove_the_same_layers(tmp_path):  # RELIABILITY 9 and 10
+    script = Path(__file__).parent / "ddp_prune_script.py"
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert ranks[0]["removed"] == ranks[1]["removed"]  # rank 1's own (different) random choice was overridden
+    assert ranks[0]["num_layers"] == ranks[1]["num_layers"] == LAYERS - 2
+    for k, v in ranks[0]["state"].items():
+        assert torch.equal(v, ranks[1]["state"][k]), k
+    assert ranks[0]["steps"] == 4
+
+
+def test_two_instances_distinct_state_keys_both_restore(tmp_path):  # RELIABILITY 19
+    a = LayerPruneCallback(num_layers=1, at_steps=[1])
+    b = LayerPruneCallback(num_layers=1, at_steps=[3], criterion="last")
+    assert a.state_key != b.state_key
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4)
+    fast_trainer(tmp_path, callbacks=[a, b, checkpoint], max_steps=4, enable_checkpointing=True).fit(TinyLM(), loader())
+    a2, b2 = LayerPruneCallback(num_layers=1, at_steps=[1]), LayerPruneCallback(num_layers=1, at_steps=[3], criterion="last")
+    module = TinyLM()
+    fast_trainer(tmp_path, callbacks=[a2, b2], max_steps=5).fit(module, loader(), ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=4.ckpt"))
+    assert a2.removed == a.removed and b2.removed == b.removed and n_layers(module) == LAYERS - 2
+
+
+def test_sharded_strategy_refused_at_setup():  # RELIABILITY 17
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from lp_callbacks.distributed import check_strategy_supported
+
+    with pytest.raises(ValueError, match="does not support the FSDPStrategy strategy"):
+        check_strategy_supported(SimpleNamespace(strategy=FSDPStrategy()), "LayerPruneCallback")
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"fraction": 1.5, "at_steps": [1]}, r"`fraction` must be a number in \(0, 1\), got 1.5"),
+        ({"fraction": 0.0, "at_steps": [1]}, r"`fraction` must be a number in \(0, 1\), got 0.0"),
+        ({"num_layers": 1, "fraction": 0.5, "at_steps": [1]}, "exactly one of `num_layers`, `fraction`"),
+        ({"num_layers": 1, "at_steps": [1], "criterion": "magnitude"}, r"`criterion` must be one of \('block_influence'"),
+        ({"num_layers": 1}, "exactly one of `at_steps`"),
+        ({"num_layers": 1, "at_steps": [0]}, r"`at_steps` must hold ints >= 1"),
+        ({"num_layers": 1, "gradual": {"start_step": 5, "end_step": 2, "num_events": 2}}, "gradual"),
+        ({"num_layers": 0, "at_steps": [1]}, r"`num_layers` must be a positive int, got 0"),
+        ({"num_layers": 1, "at_steps": [1], "export_when": "event"}, "needs `export_dir`"),
+    ],
+    ids=["fraction>1", "fraction=0", "two-amounts", "criterion", "no-schedule", "step-0", "gradual", "zero", "export"],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LayerPruneCallback(**kwargs)
+
+
+class CountingLM(TinyLM):
+    steps = 0
+
+    def training_step(self, batch, batch_idx):
+        CountingLM.steps += 1
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "trainer_kwargs", "match"),
+    [
+        ({"num_layers": LAYERS + 2, "at_steps": [1]}, {}, rf"cannot remove {LAYERS + 2} of the model's {LAYERS} decoder layers"),
+        ({"num_layers": LAYERS, "at_steps": [1], "protect_first": 0, "protect_last": 0}, {}, "at most 5 can go"),
+        ({"num_layers": 1, "at_steps": [1], "protected_layers": [9]}, {}, r"`protected_layers` must be original block indices in \[0, 5\], got \[9\]"),
+        ({"num_layers": 1, "at_steps": [10]}, {"max_steps": 4}, r"steps \[10\] past the Trainer's max_steps=4"),
+        ({"num_layers": 1, "at_epochs": [3]}, {"max_epochs": 2, "max_steps": -1}, r"epochs \[3\] that a run of max_epochs=2 never ends"),
+    ],
+    ids=["more-than-exist", "all-layers", "protected-out-of-range", "past-max-steps", "past-max-epochs"],
+)
+def test_bad_plans_fail_before_any_training_step(tmp_path, kwargs, trainer_kwargs, match):
+    CountingLM.steps = 0
+    with pytest.raises(ValueError, match=match):
+        fast_trainer(tmp_path, callbacks=[LayerPruneCallback(**kwargs)], **{"max_steps": 4, **trainer_kwargs}).fit(CountingLM(), loader())
+    assert CountingLM.steps == 0
+
+
+def test_gradual_schedule_steps():
+    assert GradualSchedule(start_step=10, end_step=40, num_events=4).steps() == (10, 20, 30, 40)
+    assert GradualSchedule(start_step=5, end_step=5, num_events=1).steps() == (5,)
