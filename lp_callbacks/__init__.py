@@ -1,15 +1,30 @@
 """lp_callbacks: Lightning callbacks that make a transformer's depth visible and actionable while it trains."""
 
 from lp_callbacks.architectures import get_decoder_layers
-from lp_callbacks.callbacks import BlockInfluenceMonitor, find_monitor
+from lp_callbacks.callbacks import (
+    BlockInfluenceMonitor,
+    DepthEfficiencyMonitor,
+    LayerFreezeCallback,
+    LayerPruneCallback,
+    find_monitor,
+)
+from lp_callbacks.events import DepthEvent
 from lp_callbacks.measure import DepthMeasurement, block_influence, measure_depth
+from lp_callbacks.schedules import GradualSchedule
+from lp_callbacks.surgery import drop_layers
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BlockInfluenceMonitor",
+    "DepthEfficiencyMonitor",
+    "DepthEvent",
     "DepthMeasurement",
+    "GradualSchedule",
+    "LayerFreezeCallback",
+    "LayerPruneCallback",
     "block_influence",
+    "drop_layers",
     "find_monitor",
     "get_decoder_layers",
     "measure_depth",
