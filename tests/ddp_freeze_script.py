@@ -70,3 +70,5 @@ def main(out_dir: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    if torch.distributed.is_initialized():  # a clean exit: gloo threads abort the process otherwise
+        torch.distributed.destroy_process_group()

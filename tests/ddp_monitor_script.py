@@ -10,6 +10,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
 
 from conftest import TinyLM, loader  # noqa: E402
 from lp_callbacks import BlockInfluenceMonitor  # noqa: E402
@@ -27,3 +28,5 @@ if __name__ == "__main__":
         "angular2": monitor.angular_distances(2).tolist(),
         "tokens": monitor.tokens_seen,
     }))
+    if torch.distributed.is_initialized():  # a clean exit: gloo threads abort the process otherwise
+        torch.distributed.destroy_process_group()

@@ -32,3 +32,5 @@ if __name__ == "__main__":
         "state": {k: v.detach().clone() for k, v in module.state_dict().items()},
         "steps": trainer.global_step,
     }, out / f"rank{trainer.global_rank}.pt")
+    if torch.distributed.is_initialized():  # a clean exit: gloo threads abort the process otherwise
+        torch.distributed.destroy_process_group()

@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from conftest import LAYERS, TinyLM, fast_trainer, loader, random_batch
-from lp_callbacks import BlockInfluenceMonitor, block_influence, get_decoder_layers
+from lp_callbacks import BlockInfluenceMonitor, get_decoder_layers
 from lp_callbacks.callbacks.layer_prune import LayerPruneCallback
 from lp_callbacks.schedules import GradualSchedule
 

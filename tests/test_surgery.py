@@ -96,7 +96,7 @@ def _block_attributes(model: nn.Module) -> list:
     """Plain attributes of every submodule of every block (layer_idx, scaling, sliding_window, types...)."""
     plain = (bool, int, float, str, type(None))
     return [
-        (i, name, type(m).__name__, {k: v for k, v in vars(m).items() if isinstance(v, plain) and k != "training"})
+        (i, name, type(m).__name__, {k: v for k, v in vars(m).items() if isinstance(v, plain) and k != "training" and not k.startswith("_lp_")})
         for i, block in enumerate(get_decoder_layers(model))
         for name, m in block.named_modules()
     ]

@@ -14,7 +14,6 @@ Example:
 from __future__ import annotations
 
 import difflib
-import gc
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -24,17 +23,16 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 
 from lp_callbacks.architectures import find_hf_model, get_decoder_layers, get_layers_owner
 from lp_callbacks.callbacks.block_influence import BlockInfluenceMonitor, find_monitor
+from lp_callbacks.distributed import check_strategy_supported, rebuild_ddp
 from lp_callbacks.measure import measure_depth
 
 __all__ = ["LayerFreezeCallback"]
 
 _AMOUNTS = ("num_trainable", "fraction_trainable", "num_frozen", "fraction_frozen")
 _PROTECTED = ("embeddings", "lm_head", "final_norm")
-_UNSUPPORTED_STRATEGIES = ("DeepSpeedStrategy", "FSDPStrategy", "ModelParallelStrategy")
 
 
 # ==================================================================================================== validation
@@ -105,15 +103,6 @@ def _count_frozen(mode: str, amount: int | float, num_layers: int) -> int:
     if frozen == 0:
         rank_zero_warn(f"LayerFreezeCallback: `{mode}={amount!r}` of {num_layers} decoder blocks freezes none of them.")
     return frozen
-
-
-def _check_strategy(trainer: pl.Trainer) -> None:
-    name = type(trainer.strategy).__name__
-    if any(cls.__name__ in _UNSUPPORTED_STRATEGIES for cls in type(trainer.strategy).__mro__):
-        raise ValueError(
-            f"LayerFreezeCallback does not support the {name} strategy (it shards parameters and their optimizer"
-            " state). Supported: single device, DDP (`strategy='ddp'` and its variants)."
-        )
 
 
 def _check_schedule(trainer: pl.Trainer, warmup_steps: int) -> None:
@@ -238,26 +227,6 @@ def _uses_checkpointing(model: nn.Module) -> bool:
         if hasattr(type(model), name):
             return bool(getattr(model, name))
     return False
-
-
-def _rebuild_ddp(trainer: pl.Trainer) -> None:
-    """Wrap the LightningModule in a fresh ``DistributedDataParallel`` so its reducer sees the new trainable set.
-
-    DDP decides at construction which parameters it all-reduces: one frozen afterwards would never be marked ready
-    ("Expected to have finished reduction" errors), one unfrozen afterwards would silently diverge across ranks.
-    ``DDPStrategy.configure_ddp`` is the strategy's own (public) way of wrapping; it keeps the user's DDP kwargs.
-    """
-    strategy = trainer.strategy
-    if not isinstance(strategy.model, DistributedDataParallel):
-        return
-    configure_ddp = getattr(strategy, "configure_ddp", None)
-    if not callable(configure_ddp):
-        raise RuntimeError(
-            f"LayerFreezeCallback cannot rewrap the model for {type(strategy).__name__}: it has no configure_ddp()."
-        )
-    strategy.model = strategy.lightning_module
-    configure_ddp()
-    gc.collect()  # free the old wrapper's gradient buckets now
 
 
 # ==================================================================================================== the callback
@@ -402,7 +371,7 @@ class LayerFreezeCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        _check_strategy(trainer)
+        check_strategy_supported(trainer, "LayerFreezeCallback")
         _check_schedule(trainer, self.warmup_steps)
         needs_monitor = bool(self.warmup_steps or self.reevaluate_every_n_steps)
         self._monitor = self._find_or_add_monitor(trainer) if needs_monitor else find_monitor(trainer)
@@ -576,7 +545,7 @@ class LayerFreezeCallback(Callback):
         for optimizer, layout in zip(trainer.optimizers, self._layouts, strict=False):
             self._sync_optimizer(optimizer, layout, frozen)
         if changed:
-            _rebuild_ddp(trainer)
+            rebuild_ddp(trainer)
         self._enable_input_grads(pl_module)
 
     @staticmethod
