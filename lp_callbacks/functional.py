@@ -59,31 +59,40 @@ def select_tokens(x: Tensor, mask: Tensor | None = None) -> Tensor:
         x: hidden states, ``(B, T, H)`` or any ``(..., H)``.
         mask: ``(B, T)`` (or ``x.shape[:-1]``) attention mask, nonzero for real tokens; ``None`` keeps all.
     """
+    _check_mask(x, mask)
     if mask is None:
         return x.reshape(-1, x.shape[-1])
-    if mask.shape != x.shape[:-1]:
-        raise ValueError(f"`mask` must have shape {tuple(x.shape[:-1])} (x without its last dim), got {tuple(mask.shape)}.")
     return x[mask.to(device=x.device, dtype=torch.bool)]
+
+
+def _check_mask(x: Tensor, mask: Tensor | None) -> None:
+    if mask is not None and mask.shape != x.shape[:-1]:
+        raise ValueError(f"`mask` must have shape {tuple(x.shape[:-1])} (x without its last dim), got {tuple(mask.shape)}.")
 
 
 def _cosines(first: Tensor, second: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """Per-token cosine ``(N,)`` in fp32 (fp64 for fp64 input), a ``(N,)`` bool of valid tokens, the skipped count.
 
     Three fused reductions (two norms, one dot product) and no (N, H) temporaries but the upcast of
-    low-precision input: this runs on every block of every training step, so it must be cheap.
+    low-precision input: this runs on every block of every training step, so it must be cheap. Padding is
+    masked out of the sums rather than gathered away, so nothing waits for the GPU (no data-dependent shapes).
     A token is valid when both vectors are finite and nonzero (a NaN or inf anywhere makes its norm non-finite).
     """
     if first.shape != second.shape:
         raise ValueError(f"inputs and outputs must have the same shape, got {tuple(first.shape)} and {tuple(second.shape)}.")
-    x, y = select_tokens(first, mask), select_tokens(second, mask)  # (N, H)
+    _check_mask(first, mask)
+    x, y = first.reshape(-1, first.shape[-1]), second.reshape(-1, second.shape[-1])  # (N, H)
     dtype = _compute_dtype(x)
     x, y = x.to(dtype), y.to(dtype)  # no copy for fp32; bf16/fp16 dot products must not round to 8 bits
     norm_x = torch.linalg.vector_norm(x, dim=-1)  # (N,)
     norm_y = torch.linalg.vector_norm(y, dim=-1)
     dot = torch.linalg.vecdot(x, y)
-    valid = torch.isfinite(norm_x) & torch.isfinite(norm_y) & torch.isfinite(dot) & (norm_x > 0) & (norm_y > 0)
-    cos = torch.where(valid, dot / norm_x.clamp_min(torch.finfo(dtype).tiny) / norm_y.clamp_min(torch.finfo(dtype).tiny), 1.0)
-    return cos.clamp(-1.0, 1.0), valid, (~valid).sum()
+    finite = torch.isfinite(norm_x) & torch.isfinite(norm_y) & torch.isfinite(dot) & (norm_x > 0) & (norm_y > 0)
+    real = torch.ones_like(finite) if mask is None else mask.reshape(-1).to(device=x.device, dtype=torch.bool)
+    valid = finite & real
+    tiny = torch.finfo(dtype).tiny
+    cos = torch.where(valid, dot / norm_x.clamp_min(tiny) / norm_y.clamp_min(tiny), 1.0)
+    return cos.clamp(-1.0, 1.0), valid, (real & ~finite).sum()
 
 
 def _stats(per_token: Tensor, valid: Tensor, skipped: Tensor) -> TokenStats:

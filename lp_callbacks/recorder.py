@@ -75,8 +75,7 @@ class BlockInfluenceRecorder:
         self.enabled = False
         self._handles: list[RemovableHandle] = []
         self._mask: Tensor | None = None
-        self._positions: Tensor | None = None
-        self._positions_ready = False
+        self._selection: tuple[Tensor | None, Tensor | None] | None = None
         self._seen: set[int] = set()
         self._inputs: dict[int, Tensor] = {}
         self._warned_mask = False
@@ -146,29 +145,30 @@ class BlockInfluenceRecorder:
         if isinstance(mask, Tensor) and mask.dim() != 2 and not self._warned_mask:
             rank_zero_warn(f"BlockInfluenceRecorder: ignoring a {mask.dim()}-D attention mask; all tokens are used.")
             self._warned_mask = True
-        self._positions = None
-        self._positions_ready = False
+        self._selection = None
 
-    def _token_positions(self, hidden: Tensor) -> Tensor | None:
-        """Flat indices of the tokens to use in this forward, computed once per forward."""
-        if self._positions_ready:
-            return self._positions
+    def _token_selection(self, hidden: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """``(positions, mask)`` for this forward, computed once: flat indices of the tokens examined
+        (``None``: all) and the flat real-token mask of those (``None``: all real).
+
+        Nothing here depends on data values (no ``nonzero``), so nothing waits for the GPU.
+        """
+        if self._selection is not None:
+            return self._selection
         batch_shape = hidden.shape[:-1]
         mask = self._mask
         if mask is not None and tuple(mask.shape) != tuple(batch_shape):
             # e.g. generation with a KV cache: the mask covers past tokens too; keep the current ones.
             mask = mask[..., -batch_shape[-1] :] if mask.shape[:-1] == batch_shape[:-1] else None
+        flat_mask = None if mask is None else mask.reshape(-1).to(device=hidden.device, dtype=torch.bool)
         positions = None
-        if mask is not None:
-            positions = mask.reshape(-1).nonzero().squeeze(-1).to(hidden.device)
-        budget = self.max_tokens_per_forward
-        if budget is not None:
-            total = positions.numel() if positions is not None else batch_shape.numel()
-            if total > budget:
-                chosen = torch.linspace(0, total - 1, budget, device=hidden.device).round().long()
-                positions = chosen if positions is None else positions[chosen]
-        self._positions, self._positions_ready = positions, True
-        return positions
+        budget, total = self.max_tokens_per_forward, batch_shape.numel()
+        if budget is not None and total > budget:
+            # evenly spaced positions (padding among them is then masked out): deterministic, no RNG consumed
+            positions = torch.linspace(0, total - 1, budget, device=hidden.device).round().long()
+            flat_mask = None if flat_mask is None else flat_mask[positions]
+        self._selection = (positions, flat_mask)
+        return self._selection
 
     def _rows(self, hidden: Tensor, positions: Tensor | None) -> Tensor:
         flat = hidden.detach().reshape(-1, hidden.shape[-1])  # (B*T, H)
@@ -183,15 +183,15 @@ class BlockInfluenceRecorder:
                 return
             self._seen.add(index)
             with torch.no_grad():
-                positions = self._token_positions(inputs)
+                positions, mask = self._token_selection(inputs)
                 rows_in, rows_out = self._rows(inputs, positions), self._rows(outputs, positions)
-                self.block_influence.update(index, rows_in, rows_out)
+                self.block_influence.update(index, rows_in, rows_out, mask)
                 if self.angular:
                     self._inputs[index] = rows_in
                     for n, metric in self.angular.items():
                         first = index - n + 1
                         if first in self._inputs:
-                            metric.update(first, self._inputs[first], rows_out)
+                            metric.update(first, self._inputs[first], rows_out, mask)
                     self._inputs.pop(index - self.block_sizes[-1] + 1, None)
 
         return hook

@@ -26,9 +26,13 @@ def test_training_bi_equals_offline_measurement(tmp_path):
 
 def test_every_n_steps_and_token_budget(tmp_path):
     monitor = BlockInfluenceMonitor(every_n_steps=3, max_tokens_per_step=10)
-    fast_trainer(tmp_path, callbacks=[monitor], max_steps=7).fit(TinyLM(), loader())
+    dl = loader()
+    fast_trainer(tmp_path, callbacks=[monitor], max_steps=7).fit(TinyLM(), dl)
     assert monitor.measured_steps == 3  # global steps 0, 3, 6
-    assert monitor.tokens_seen == 30
+    # 10 evenly spaced positions of each measured batch (4 x 16 tokens); those that are padding do not count
+    positions = torch.linspace(0, 63, 10).round().long()
+    masks = dl.dataset.attention_mask.view(-1, 4 * 16)  # one row per batch
+    assert monitor.tokens_seen == sum(int(masks[b][positions].sum()) for b in (0, 3, 6)) < 30
 
 
 def test_validation_and_sanity_check_do_not_pollute(tmp_path):

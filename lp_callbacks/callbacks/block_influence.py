@@ -48,8 +48,9 @@ class _Running:
         self.recent: deque[tuple[Tensor, Tensor]] = deque(maxlen=self.window)
 
     def add(self, total: Tensor, count: Tensor) -> None:
-        total, count = total.detach().double().cpu(), count.detach().double().cpu()
+        total, count = total.detach().double(), count.detach().double()  # stays on device: no host sync per step
         if self.aggregation == "window":
+            self.recent = deque(((t.to(total.device), c.to(total.device)) for t, c in self.recent), maxlen=self.window)
             self.recent.append((total, count))
             self.total = torch.stack([t for t, _ in self.recent]).sum(0)
             self.count = torch.stack([c for _, c in self.recent]).sum(0)
@@ -57,16 +58,20 @@ class _Running:
             self.total, self.count = total.clone(), count.clone()
         else:
             decay = self.ema_decay if self.aggregation == "ema" else 1.0
-            self.total = decay * self.total + total
-            self.count = decay * self.count + count
+            # .to(): a checkpoint restores these on the CPU
+            self.total = decay * self.total.to(total.device) + total
+            self.count = decay * self.count.to(count.device) + count
 
     def mean(self) -> Tensor | None:
+        """Per-position mean on the CPU (reading it is the only host sync), NaN where nothing was measured."""
         if self.total is None or self.count is None:
             return None
-        return torch.where(self.count > 0, self.total / self.count.clamp_min(1e-300), torch.full_like(self.total, math.nan))
+        total, count = self.total.cpu(), self.count.cpu()
+        return torch.where(count > 0, total / count.clamp_min(1e-300), torch.full_like(total, math.nan))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"total": self.total, "count": self.count, "recent": list(self.recent)}
+        cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
+        return {"total": cpu(self.total), "count": cpu(self.count), "recent": [(cpu(t), cpu(c)) for t, c in self.recent]}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.total, self.count = state.get("total"), state.get("count")
@@ -162,7 +167,8 @@ class BlockInfluenceMonitor(Callback):
         self.original_indices: list[int] | None = None
         self.history: list[dict[str, Any]] = []
         self.measured_steps = 0  # since the last reset
-        self.tokens_seen = 0  # since the last reset
+        self._tokens: Tensor | int = 0  # since the last reset (a device tensor while training)
+        self._skipped_since_log: Tensor | int = 0
         self._running = _Running(aggregation, ema_decay, window)
         self._running_angular: dict[int, _Running] = {n: _Running(aggregation, ema_decay, window) for n in self.block_sizes}
         self._ema_decay, self._window = ema_decay, window
@@ -176,8 +182,8 @@ class BlockInfluenceMonitor(Callback):
 
     @property
     def block_influence(self) -> Tensor | None:
-        """Current BI of each block, ``(num_layers,)`` float64 in the model's current numbering, or ``None``
-        before the first measurement (and right after a :meth:`reset`)."""
+        """Current BI of each block, ``(num_layers,)`` float64 on the CPU in the model's current numbering, or
+        ``None`` before the first measurement (and right after a :meth:`reset`)."""
         return self._running.mean()
 
     def angular_distances(self, block_size: int = 1) -> Tensor | None:
@@ -208,7 +214,7 @@ class BlockInfluenceMonitor(Callback):
         if self.recorder is not None:
             self.recorder.reset()
         self.measured_steps = 0
-        self.tokens_seen = 0
+        self._tokens = 0
         self._pending = False
 
     def layers_removed(self, indices: Sequence[int]) -> None:
@@ -305,7 +311,7 @@ class BlockInfluenceMonitor(Callback):
             "original_indices": self.original_indices,
             "history": self.history,
             "measured_steps": self.measured_steps,
-            "tokens_seen": self.tokens_seen,
+            "tokens_seen": self.tokens_seen,  # an int: reading it syncs, fine at checkpoint time
             "running": self._running.state_dict(),
             "running_angular": {n: r.state_dict() for n, r in self._running_angular.items()},
         }
@@ -314,7 +320,7 @@ class BlockInfluenceMonitor(Callback):
         self.original_indices = state_dict.get("original_indices", self.original_indices)
         self.history = list(state_dict.get("history", []))
         self.measured_steps = state_dict.get("measured_steps", 0)
-        self.tokens_seen = state_dict.get("tokens_seen", 0)
+        self._tokens = state_dict.get("tokens_seen", 0)
         self._running.load_state_dict(state_dict.get("running", {}))
         for n, running_state in state_dict.get("running_angular", {}).items():
             self.track_block_size(int(n))
@@ -372,23 +378,29 @@ class BlockInfluenceMonitor(Callback):
             with m.sync_context(should_sync=True):
                 angular[n] = (m.total.clone(), m.count.clone())
         recorder.reset()
-        if not bool((count > 0).any()):
-            return  # nothing ran through the blocks in this step (all padding?)
+        # Everything stays on the device until a logging step reads it: no GPU sync on ordinary steps.
         self._running.add(total, count)
         for n, (t, c) in angular.items():
             self._running_angular[n].add(t, c)
         self.measured_steps += 1
-        self.tokens_seen += int(count.max())
-        if int(skipped.sum()) > 0:
-            rank_zero_warn(
-                f"BlockInfluenceMonitor: skipped {int(skipped.max())} token(s) with non-finite or zero hidden states"
-                f" at step {trainer.global_step}; BI uses the remaining {int(count.min())}."
-            )
+        self._tokens = self._tokens + count.max()
+        self._skipped_since_log = self._skipped_since_log + skipped.max()
         interval = self.log_every_n_steps or trainer.log_every_n_steps or 1
         if self.source != "train" or trainer.global_step % interval == 0 or trainer.global_step <= 1:
-            self._log_and_record(trainer, int(skipped.max()))
+            self._log_and_record(trainer)
 
-    def _log_and_record(self, trainer: pl.Trainer, skipped: int) -> None:
+    @property
+    def tokens_seen(self) -> int:
+        """Tokens measured (per block) since the start or the last :meth:`reset`, summed over ranks."""
+        return int(self._tokens)
+
+    def _log_and_record(self, trainer: pl.Trainer) -> None:
+        skipped, self._skipped_since_log = int(self._skipped_since_log), 0
+        if skipped:
+            rank_zero_warn(
+                f"BlockInfluenceMonitor: skipped {skipped} token(s) with non-finite or zero hidden states up to step"
+                f" {trainer.global_step}; BI uses the other tokens."
+            )
         bi = self.block_influence
         if bi is None or self.original_indices is None:
             return
