@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from _common import median, real_model, shakespeare_blocks, table
 from lp_callbacks import BlockInfluenceMonitor, block_influence, get_decoder_layers
+from lp_callbacks.architectures import get_layers_owner
 from lp_callbacks.functional import block_influence_from_hidden_states
 
 
@@ -87,11 +88,22 @@ def hidden_states_bi(model, batch):
     return block_influence_from_hidden_states(states, batch["attention_mask"])
 
 
+def decoder_forward(model, batch):
+    """The same work block_influence() does minus the measuring: the blocks' owner (no LM head)."""
+    with torch.no_grad():
+        get_layers_owner(model)(**batch, use_cache=False)
+
+
 def hooks_bi(model, batch):
     return block_influence(model, [batch])
 
 
-METHODS = {"plain forward (LM)": plain_forward, "block_influence()": hooks_bi, "output_hidden_states": hidden_states_bi}
+METHODS = {
+    "plain forward (LM)": plain_forward,
+    "plain forward (decoder only)": decoder_forward,
+    "block_influence()": hooks_bi,
+    "output_hidden_states": hidden_states_bi,
+}
 
 
 def _batch(tok, batch: int, seq: int):
@@ -196,26 +208,45 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--skip-agreement", action="store_true", help="only the timing and memory parts")
     args = parser.parse_args()
     if args.memory_child:
         peak_memory_child(args.memory_child, args.batch, args.seq)
         return
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     steps, repeats = (8, 3) if args.quick else (22, 7)
     results = {"torch_threads": torch.get_num_threads(), "cpu": os.cpu_count()}
 
+    if not args.skip_agreement:
+        print_agreement(results)
+    print_training(results, steps, args)
+    print_offline(results, repeats, args)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+def print_agreement(results: dict) -> None:
     results["agreement"] = agree = agreement(steps=4, batch=4, seq=128)
     print(f"\n## BI agreement on SmolLM2-135M ({agree['tokens']} Shakespeare tokens)")
     print(f"max |monitor in Trainer - reference| = {agree['monitor_vs_reference']:.2e}")
     print(f"max |block_influence() - reference|  = {agree['offline_vs_reference']:.2e}")
     print(table(["layer", "BI"], [[i, f"{v:.4f}"] for i, v in enumerate(agree["profile"])]))
 
+
+
+def print_training(results: dict, steps: int, args: argparse.Namespace) -> None:
     results["training"] = tr = trainer_overhead(steps, 4, args.seq)
     print(f"\n## Training step, batch 4 x {args.seq} tokens, AdamW, fp32 CPU ({tr['pairs']} interleaved pairs)")
     print(table(["", "median step (s)", "ratio"],
                 [["without monitor", f"{tr['without_s']:.3f}", "1.000"],
                  ["with BlockInfluenceMonitor", f"{tr['with_monitor_s']:.3f}", f"{tr['ratio']:.3f}"]]))
 
+
+
+def print_offline(results: dict, repeats: int, args: argparse.Namespace) -> None:
     results["offline_time_s"] = times = offline_times(repeats, args.batch, args.seq)
     results["offline_peak_mib"] = mem = offline_memory(args.batch, args.seq)
     base_t, base_m = times["plain forward (LM)"], mem["plain forward (LM)"]
@@ -223,8 +254,6 @@ def main() -> None:
     print(table(["method", "time (s)", "time ratio", "peak extra memory (MiB)", "memory ratio"],
                 [[name, f"{times[name]:.3f}", f"{times[name] / base_t:.2f}", f"{mem[name]:.0f}", f"{mem[name] / base_m:.2f}"]
                  for name in METHODS]))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -57,8 +57,24 @@ def tiny_config(family: str, num_layers: int = LAYERS):
     if family == "falcon":
         return tf.FalconConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=L, num_attention_heads=4,
                                pad_token_id=0, bos_token_id=1, eos_token_id=2, new_decoder_architecture=False, multi_query=True)
+    if family == "mixtral":
+        return tf.MixtralConfig(**_common(num_hidden_layers=L, num_key_value_heads=2, num_local_experts=4,
+                                          num_experts_per_tok=2))
+    if family in ("olmo", "olmo2", "granite", "cohere", "starcoder2", "stablelm"):
+        cls = {"olmo": tf.OlmoConfig, "olmo2": tf.Olmo2Config, "granite": tf.GraniteConfig, "cohere": tf.CohereConfig,
+               "starcoder2": tf.Starcoder2Config, "stablelm": tf.StableLmConfig}[family]
+        return cls(**_common(num_hidden_layers=L, num_key_value_heads=2))
+    if family == "gptj":
+        return tf.GPTJConfig(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=L, n_head=4, rotary_dim=4, n_positions=128,
+                             pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if family == "bloom":
+        return tf.BloomConfig(vocab_size=VOCAB, hidden_size=HIDDEN, n_layer=L, n_head=4, pad_token_id=0,
+                              bos_token_id=1, eos_token_id=2)
     raise ValueError(f"unknown test family {family!r}")
 
+
+# Also in the architecture table, checked by one end-to-end test each (tests/test_architectures.py).
+MORE_FAMILIES = ["mixtral", "olmo", "olmo2", "granite", "cohere", "starcoder2", "stablelm", "gptj", "bloom"]
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi", "phi3", "gpt2",
             "gpt_neox", "opt", "falcon"]

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import FAMILIES, LAYERS, TinyLM, tiny_model
+from conftest import FAMILIES, LAYERS, MORE_FAMILIES, TinyLM, random_batch, tiny_model
 from lp_callbacks.architectures import ARCHITECTURES, find_hf_model, get_decoder_layers, get_layers_owner
 
 
@@ -65,3 +65,35 @@ def test_model_with_no_decoder_layers():
     model.model.layers = nn.ModuleList()
     with pytest.raises(ValueError, match="has no decoder layers"):
         get_decoder_layers(model)
+
+
+@pytest.mark.parametrize("family", MORE_FAMILIES)
+def test_more_families_measure_prune_generate_reload(family, tmp_path):
+    """The rest of the table, end to end: BI, removal, cached generation, save/load round trip."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from lp_callbacks import block_influence, drop_layers
+
+    model = tiny_model(family)
+    batch = random_batch(2, 10)
+    captured = []
+    hooks = [l.register_forward_hook(lambda m, a, o: captured.append((a[0], o[0] if isinstance(o, tuple) else o)))
+             for l in get_decoder_layers(model)]
+    with torch.no_grad():
+        model(**batch)
+    for h in hooks:
+        h.remove()
+    reference = torch.stack([1 - F.cosine_similarity(x.double(), y.double(), dim=-1).mean() for x, y in captured])
+    torch.testing.assert_close(block_influence(model, [batch]), reference, atol=1e-6, rtol=0)
+
+    drop_layers(model, [2, 3])
+    ids = batch["input_ids"][:1, :5]
+    with torch.no_grad():
+        cached = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=True)
+        uncached = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False)
+        assert torch.equal(cached, uncached)
+        model.save_pretrained(tmp_path)
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+        torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits, atol=1e-5, rtol=0)
+    assert reloaded.config.num_hidden_layers == LAYERS - 2
