@@ -349,17 +349,3 @@ def test_bad_input_fails_before_the_first_step(tmp_path, kwargs, module_cls, mat
         trainer.fit(module, loader())
     assert trainer.global_step == 0
     assert all(torch.equal(p, before[n]) for n, p in module.named_parameters())
-
-
-# ============================================================================================ example
-def test_domain_adaptation_example_tiny():
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples", "domain_adaptation.py")
-    spec = importlib.util.spec_from_file_location("domain_adaptation", path)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
-    assert "To run:" in example.__doc__
-    out = example.main(["--tiny", "--steps", "6", "--warmup-steps", "2"])
-    assert len(out["record"]["frozen_blocks"]) == 3 and out["record"]["step"] == 2
-    assert out["ppl_after"] < out["ppl_before"]
