@@ -199,7 +199,8 @@ def build_datamodule(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> Tex
     except FileNotFoundError as err:  # a missing file, directory or pattern
         raise ConfigError(f"data.data_files: {err}") from err
     except (ValueError, TypeError) as err:
-        key = "data.data_files" if str(err).startswith("Data file") else "data"  # an empty file, a bad suffix
+        # an empty file, a bad suffix, mixed formats: the files are at fault; otherwise the message names the key
+        key = "data.data_files" if str(err).startswith(("Data file", "`data_files`")) else "data"
         raise ConfigError(f"{key}: {err}") from err
 
 
@@ -217,7 +218,9 @@ class SplitLoader:
         self.datamodule.setup("fit")
         loader = self.datamodule.val_dataloader() if self.split == "val" else self.datamodule.train_dataloader()
         if isinstance(loader, list) and not loader:
-            raise ConfigError(f"calibration_data={self.split!r}: the data has no validation blocks (data.val_fraction=0).")
+            raise ConfigError(
+                f"calibration_data={self.split!r}: the data has no validation blocks (data.val_fraction=0)."
+            )
         return iter(loader)
 
 

@@ -409,7 +409,9 @@ def _read_yaml(path: str | os.PathLike) -> DictConfig:
 def _parse_override(text: str) -> DictConfig:
     """``a.b=value`` (value parsed as YAML: numbers, booleans, null, lists, mappings) -> a nested config."""
     if "=" not in text or text.startswith("="):
-        raise ConfigError(f"command line: `{text}` is not an override of the form key=value (e.g. trainer.max_steps=10).")
+        raise ConfigError(
+            f"command line: `{text}` is not an override of the form key=value (e.g. trainer.max_steps=10)."
+        )
     try:
         return OmegaConf.from_dotlist([text])
     except OmegaConfBaseException as err:

@@ -230,3 +230,10 @@ def test_measure_writes_json_csv_png(tmp_path, capsys):
     assert [int(r["layer"]) for r in rows] == list(range(6)) and rows[-1]["angular_distance_n2"] == ""
     assert (out_dir / "bi_profile.png").stat().st_size > 0
 
+
+
+def test_printed_config_loads_back(tmp_path, capsys):
+    code, out, _ = run(["fit", *tiny_args(tmp_path), "callbacks.monitor={}", "--print-config"], capsys)
+    saved = tmp_path / "printed.yaml"
+    saved.write_text(out)
+    assert code == 0 and load_config([saved]) == load_config([TINY], tiny_args(tmp_path)[2:] + ["callbacks.monitor={}"])
