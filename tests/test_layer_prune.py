@@ -184,6 +184,8 @@ def test_export_loads_without_lp_callbacks_and_generation_with_cache(tmp_path): 
     fast_trainer(tmp_path, callbacks=[prune], max_steps=3).fit(module, loader())
     assert (tmp_path / "export_step_2" / "config.json").is_file()
     record = json.loads((tmp_path / "export" / "lp_pruning.json").read_text())
+    for path in [tmp_path / "export", *(tmp_path / "export").iterdir()]:  # shareable, not mkdtemp's 0700
+        assert path.stat().st_mode & 0o044 == 0o044, path
     assert record["events"][0]["original_layers"] == prune.removed[0]["original_layers"]
     model = module.model.eval()
     batch = random_batch(1, 6)

@@ -37,6 +37,14 @@ def _nonneg_int(name: str, value: Any) -> None:
         raise ValueError(f"`{name}` must be an int >= 0, got {value!r}.")
 
 
+def _make_readable(directory: Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for path in directory.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 class LayerPruneCallback(Callback):
     r"""Delete the least important decoder blocks at scheduled points of a run; training goes on and heals the model.
 
@@ -358,6 +366,7 @@ class LayerPruneCallback(Callback):
                 if self.tokenizer is not None:
                     self.tokenizer.save_pretrained(tmp)
                 (tmp / RECORD_FILE).write_text(json.dumps(self.record(), indent=2))
+                _make_readable(tmp)  # mkdtemp makes 0700; an exported model is meant to be shared
                 if directory.exists():
                     shutil.rmtree(directory)
                 tmp.rename(directory)
