@@ -37,6 +37,15 @@ def _check_max_batches(max_batches: int | None) -> None:
         raise ValueError(f"`max_batches` must be a positive int or None, got {max_batches!r}.")
 
 
+def progress(batches: Iterable, total: int | None, desc: str) -> Iterable:
+    """A tqdm bar over ``batches`` on an interactive terminal (silent in logs and CI, like tqdm's ``disable=None``)."""
+    from tqdm.auto import tqdm
+
+    if total is None and hasattr(batches, "__len__"):
+        total = len(batches)  # type: ignore[arg-type]
+    return tqdm(batches, total=total, desc=desc, leave=False, disable=None)
+
+
 def _model_inputs(batch: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
     if not isinstance(batch, Mapping) or "input_ids" not in batch:
         found = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
@@ -85,7 +94,8 @@ def measure_depth(
     model.eval()
     try:
         with recorder.recording(), torch.no_grad():
-            for batch in itertools.islice(batches, max_batches):
+            total = min(max_batches, len(batches)) if max_batches and hasattr(batches, "__len__") else max_batches  # type: ignore[arg-type]
+            for batch in progress(itertools.islice(batches, max_batches), total, "Block Influence"):
                 runner(**_model_inputs(batch, device), use_cache=False)
         metric = recorder.block_influence
         if not bool((metric.count > 0).any()):

@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -327,3 +328,29 @@ def test_flops_follow_explicit_seq_len(tmp_path):
     expected = flops_per_token(module.model.config, 64, causal=True)
     assert monitor.last_metrics["depth/flops_per_token"] == pytest.approx(expected)
     assert monitor.baseline["seq_len"] == 64
+
+
+def test_real_pruning_event_reported_end_to_end(tmp_path):
+    """LayerPruneCallback + DepthEfficiencyMonitor together: logged depth, the event with its losses, the pictures."""
+    import csv as _csv
+    import json as _json
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    from conftest import LAYERS, TinyLM, fast_trainer, loader
+    from lp_callbacks import BlockInfluenceMonitor, DepthEfficiencyMonitor, LayerPruneCallback
+
+    logger = CSVLogger(tmp_path)
+    depth = DepthEfficiencyMonitor(log_every_n_steps=1, loss_window=2)
+    prune = LayerPruneCallback(num_layers=2, at_steps=[3])
+    fast_trainer(tmp_path, callbacks=[BlockInfluenceMonitor(log_every_n_steps=1), prune, depth], max_steps=6,
+                 logger=logger).fit(TinyLM(), loader())
+    rows = [r for r in _csv.DictReader(open(Path(logger.log_dir) / "metrics.csv")) if r.get("depth/num_layers")]
+    layers = {int(r["step"]): float(r["depth/num_layers"]) for r in rows}
+    assert layers[min(layers)] == LAYERS and layers[max(layers)] == LAYERS - 2
+    summary = _json.loads((Path(logger.log_dir) / "depth" / "summary.json").read_text())
+    (event,) = summary["events"]
+    assert event["source"] == "LayerPruneCallback" and event["step"] == 3
+    assert event["original_layers"] == prune.removed[0]["original_layers"] and event["loss_before"] is not None
+    for name in ("bi_heatmap.png", "bi_profile.png", "events.png"):
+        assert (Path(logger.log_dir) / "depth" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
@@ -14,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lp_callbacks.architectures import find_hf_model
-from lp_callbacks.measure import _model_inputs
+from lp_callbacks.measure import _model_inputs, progress
 from lp_callbacks.recorder import BlockInfluenceRecorder
 from lp_callbacks.surgery import original_layer_indices
 
@@ -355,9 +356,9 @@ class BlockInfluenceMonitor(Callback):
         pl_module.eval()
         try:
             with self.recorder.recording(), torch.no_grad():
-                for i, batch in enumerate(self.calibration_dataloader):
-                    if self.calibration_batches is not None and i >= self.calibration_batches:
-                        break
+                batches = itertools.islice(self.calibration_dataloader, self.calibration_batches)
+                total = _num_batches(self.calibration_dataloader, self.calibration_batches)
+                for batch in progress(batches, total, "BlockInfluenceMonitor: calibration"):
                     model(**_model_inputs(batch, pl_module.device), use_cache=False)
         finally:
             pl_module.train(was_training)
@@ -423,6 +424,13 @@ class BlockInfluenceMonitor(Callback):
         metrics[f"{self.prefix}/skipped_tokens"] = float(skipped)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
+
+
+def _num_batches(loader: Any, limit: int | None) -> int | None:
+    try:
+        return min(len(loader), limit) if limit is not None else len(loader)
+    except TypeError:  # an iterable without len
+        return limit
 
 
 def find_monitor(trainer: pl.Trainer) -> BlockInfluenceMonitor | None:

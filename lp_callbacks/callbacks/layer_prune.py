@@ -358,7 +358,9 @@ class LayerPruneCallback(Callback):
     def export(self, trainer: pl.Trainer, pl_module: pl.LightningModule, directory: str | os.PathLike) -> None:
         """``save_pretrained`` the pruned HF model (+ tokenizer, + ``lp_pruning.json``) atomically, on rank 0."""
         if trainer.is_global_zero:
+            started = time.perf_counter()
             directory = Path(directory)
+            rank_zero_info(f"LayerPruneCallback: exporting the pruned model to {directory} ...")
             directory.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
             try:
@@ -372,7 +374,10 @@ class LayerPruneCallback(Callback):
                 tmp.rename(directory)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
-            rank_zero_info(f"LayerPruneCallback: exported the {len(self.original_indices or [])}-block model to {directory}")
+            rank_zero_info(
+                f"LayerPruneCallback: exported the {len(self.original_indices or [])}-block model to {directory}"
+                f" in {time.perf_counter() - started:.1f}s"
+            )
         trainer.strategy.barrier("lp_callbacks_export")
 
     def record(self) -> dict[str, Any]:
