@@ -26,9 +26,9 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from _common import median, real_model, shakespeare_blocks, table
 from torch.utils.data import DataLoader, TensorDataset
 
-from _common import median, real_model, shakespeare_blocks, table
 from lp_callbacks import BlockInfluenceMonitor, block_influence, get_decoder_layers
 from lp_callbacks.architectures import get_layers_owner
 from lp_callbacks.functional import block_influence_from_hidden_states
@@ -116,7 +116,7 @@ def offline_times(repeats: int, batch: int, seq: int) -> dict[str, float]:
     model.eval()
     data = _batch(tok, batch, seq)
     times: dict[str, list[float]] = {name: [] for name in METHODS}
-    for name, fn in METHODS.items():  # warm-up
+    for fn in METHODS.values():  # warm-up
         fn(model, data)
     for _ in range(repeats):
         for name, fn in METHODS.items():  # interleaved: the same noise for everyone
@@ -167,8 +167,12 @@ def reference_bi(model, batches):
     layers = get_decoder_layers(model)
     sums, count = torch.zeros(len(layers), dtype=torch.float64), 0
     for batch in batches:
-        captured = []
-        handles = [l.register_forward_hook(lambda m, a, kw, o: captured.append((a[0] if a else kw["hidden_states"], o[0] if isinstance(o, tuple) else o)), with_kwargs=True) for l in layers]
+        captured: list = []
+
+        def capture(m, a, kw, o, captured=captured):
+            captured.append((a[0] if a else kw["hidden_states"], o[0] if isinstance(o, tuple) else o))
+
+        handles = [layer.register_forward_hook(capture, with_kwargs=True) for layer in layers]
         with torch.no_grad():
             model(**batch)
         for h in handles:

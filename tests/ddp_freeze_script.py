@@ -15,9 +15,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
+from conftest import TinyLM, fast_trainer, loader  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 
-from conftest import TinyLM, fast_trainer, loader  # noqa: E402
 from lp_callbacks.callbacks.block_influence import BlockInfluenceMonitor  # noqa: E402
 from lp_callbacks.callbacks.layer_freeze import LayerFreezeCallback  # noqa: E402
 

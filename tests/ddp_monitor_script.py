@@ -11,8 +11,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
-
 from conftest import TinyLM, loader  # noqa: E402
+
 from lp_callbacks import BlockInfluenceMonitor  # noqa: E402
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
-
 from conftest import TinyLM, loader  # noqa: E402
+
 from lp_callbacks import get_decoder_layers  # noqa: E402
 from lp_callbacks.callbacks.layer_prune import LayerPruneCallback  # noqa: E402
 

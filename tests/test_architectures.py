@@ -1,8 +1,8 @@
 import pytest
 import torch
+from conftest import FAMILIES, LAYERS, MORE_FAMILIES, TinyLM, random_batch, tiny_model
 from torch import nn
 
-from conftest import FAMILIES, LAYERS, MORE_FAMILIES, TinyLM, random_batch, tiny_model
 from lp_callbacks.architectures import ARCHITECTURES, find_hf_model, get_decoder_layers, get_layers_owner
 
 

@@ -2,10 +2,10 @@ import csv
 
 import pytest
 import torch
+from conftest import LAYERS, TinyLM, fast_trainer, loader
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from conftest import LAYERS, TinyLM, fast_trainer, loader
 from lp_callbacks import BlockInfluenceMonitor, block_influence, find_monitor
 
 

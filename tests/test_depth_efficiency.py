@@ -10,18 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import LAYERS, TinyLM, fast_trainer, loader
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from matplotlib.image import imread
+from test_flops import _matmul_params
 
 from lp_callbacks.callbacks.block_influence import BlockInfluenceMonitor
 from lp_callbacks.callbacks.depth_efficiency import DepthEfficiencyMonitor, count_tokens, effective_depth
 from lp_callbacks.events import DepthEvent, collect_depth_events
 from lp_callbacks.flops import count_parameters, flops_breakdown, flops_per_token
 from lp_callbacks.plotting import bi_matrix
-
-from conftest import LAYERS, TinyLM, fast_trainer, loader
-from test_flops import _matmul_params
 
 SEQ = 16
 KEYS = ["num_layers", "original_num_layers", "params_total", "params_trainable", "flops_per_token", "tokens_per_sec",
@@ -335,9 +334,9 @@ def test_real_pruning_event_reported_end_to_end(tmp_path):
     import csv as _csv
     import json as _json
 
+    from conftest import LAYERS, TinyLM, fast_trainer, loader
     from lightning.pytorch.loggers import CSVLogger
 
-    from conftest import LAYERS, TinyLM, fast_trainer, loader
     from lp_callbacks import BlockInfluenceMonitor, DepthEfficiencyMonitor, LayerPruneCallback
 
     logger = CSVLogger(tmp_path)

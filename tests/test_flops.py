@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import FAMILIES, tiny_config, tiny_model
 from torch import nn
 
 from lp_callbacks.flops import (
@@ -12,8 +13,6 @@ from lp_callbacks.flops import (
     flops_per_token,
     transformer_dims,
 )
-
-from conftest import FAMILIES, tiny_config, tiny_model
 
 
 def _matmul_params(model: nn.Module) -> float:

@@ -5,9 +5,9 @@ import sys
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import LAYERS, TinyLM, fast_trainer, loader, tiny_config
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from conftest import LAYERS, TinyLM, fast_trainer, loader, tiny_config
 from lp_callbacks.callbacks.block_influence import BlockInfluenceMonitor
 from lp_callbacks.callbacks.layer_freeze import LayerFreezeCallback
 from lp_callbacks.measure import measure_depth

@@ -6,9 +6,9 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import LAYERS, TinyLM, fast_trainer, loader, random_batch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from conftest import LAYERS, TinyLM, fast_trainer, loader, random_batch
 from lp_callbacks import BlockInfluenceMonitor, get_decoder_layers
 from lp_callbacks.callbacks.layer_prune import LayerPruneCallback
 from lp_callbacks.schedules import GradualSchedule

@@ -1,8 +1,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import FAMILIES, LAYERS, random_batch, tiny_model
+
 from lp_callbacks import block_influence, get_decoder_layers, measure_depth
 
 
