@@ -11,7 +11,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lp_callbacks.architectures import find_hf_model
@@ -19,7 +19,7 @@ from lp_callbacks.measure import _model_inputs, progress
 from lp_callbacks.recorder import BlockInfluenceRecorder
 from lp_callbacks.surgery import original_layer_indices
 
-__all__ = ["BlockInfluenceMonitor", "find_monitor"]
+__all__ = ["BlockInfluenceMonitor", "find_monitor", "find_or_add_monitor"]
 
 _SOURCES = ("train", "validation", "calibration")
 _AGGREGATIONS = ("cumulative", "ema", "window")
@@ -51,7 +51,8 @@ class _Running:
     def add(self, total: Tensor, count: Tensor) -> None:
         total, count = total.detach().double(), count.detach().double()  # stays on device: no host sync per step
         if self.aggregation == "window":
-            self.recent = deque(((t.to(total.device), c.to(total.device)) for t, c in self.recent), maxlen=self.window)
+            if self.recent and self.recent[0][0].device != total.device:  # restored from a checkpoint on the CPU
+                self.recent = deque(((t.to(total.device), c.to(total.device)) for t, c in self.recent), maxlen=self.window)
             self.recent.append((total, count))
             self.total = torch.stack([t for t, _ in self.recent]).sum(0)
             self.count = torch.stack([c for _, c in self.recent]).sum(0)
@@ -439,3 +440,20 @@ def find_monitor(trainer: pl.Trainer) -> BlockInfluenceMonitor | None:
         if isinstance(callback, BlockInfluenceMonitor):
             return callback
     return None
+
+
+def find_or_add_monitor(trainer: pl.Trainer, who: str, layers_path: str | None = None) -> BlockInfluenceMonitor:
+    """The Trainer's :class:`BlockInfluenceMonitor`, or a default one appended to ``trainer.callbacks``.
+
+    Call it from a callback's ``setup``: Lightning goes on to call the appended monitor's ``setup`` in the same loop
+    and restores its state from a checkpoint like any other callback's (restoring comes later).
+    """
+    monitor = find_monitor(trainer)
+    if monitor is None:
+        rank_zero_info(
+            f"{who}: no BlockInfluenceMonitor in the Trainer's callbacks; adding a default one"
+            " (add your own to choose its settings)."
+        )
+        monitor = BlockInfluenceMonitor(layers_path=layers_path)
+        trainer.callbacks.append(monitor)  # type: ignore[attr-defined]
+    return monitor

@@ -25,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lp_callbacks.architectures import find_hf_model, get_decoder_layers, get_layers_owner
-from lp_callbacks.callbacks.block_influence import BlockInfluenceMonitor, find_monitor
+from lp_callbacks.callbacks.block_influence import BlockInfluenceMonitor, find_monitor, find_or_add_monitor
 from lp_callbacks.distributed import check_strategy_supported, rebuild_ddp
 from lp_callbacks.measure import measure_depth
 
@@ -374,7 +374,7 @@ class LayerFreezeCallback(Callback):
         check_strategy_supported(trainer, "LayerFreezeCallback")
         _check_schedule(trainer, self.warmup_steps)
         needs_monitor = bool(self.warmup_steps or self.reevaluate_every_n_steps)
-        self._monitor = self._find_or_add_monitor(trainer) if needs_monitor else find_monitor(trainer)
+        self._monitor = find_or_add_monitor(trainer, "LayerFreezeCallback", self.layers_path) if needs_monitor else find_monitor(trainer)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._bind(trainer, pl_module)
@@ -427,17 +427,6 @@ class LayerFreezeCallback(Callback):
         self.history = list(state_dict.get("history", []))
 
     # ================================================================ internals: binding
-    def _find_or_add_monitor(self, trainer: pl.Trainer) -> BlockInfluenceMonitor:
-        monitor = find_monitor(trainer)
-        if monitor is None:
-            rank_zero_info(
-                "LayerFreezeCallback: no BlockInfluenceMonitor in the Trainer's callbacks; adding a default one"
-                " (add your own to choose its settings)."
-            )
-            monitor = BlockInfluenceMonitor(layers_path=self.layers_path)
-            trainer.callbacks.append(monitor)  # restored from checkpoints like any callback (restore comes later)
-        return monitor
-
     def _bind(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Find blocks, protected modules and optimizer layout; validate everything that needs the model."""
         hf = find_hf_model(pl_module)

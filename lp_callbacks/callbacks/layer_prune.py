@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lp_callbacks.architectures import find_hf_model, get_decoder_layers
-from lp_callbacks.callbacks.block_influence import BlockInfluenceMonitor, find_monitor
+from lp_callbacks.callbacks.block_influence import BlockInfluenceMonitor, find_monitor, find_or_add_monitor
 from lp_callbacks.distributed import check_strategy_supported, rebuild_ddp
 from lp_callbacks.events import DepthEvent
 from lp_callbacks.schedules import GradualSchedule, PruneSchedule, split_evenly
@@ -139,7 +139,7 @@ class LayerPruneCallback(Callback):
         self.layers_path = layers_path
 
         self.original_num_layers: int | None = None
-        self.original_indices: list[int] | None = None  # original index of each current block
+        self._model: nn.Module | None = None  # the LightningModule, bound in setup
         self.plan: dict[str, int] = {}  # event id -> blocks to remove
         self.removed: list[dict[str, Any]] = []  # one record per event that fired
         self.depth_events: list[DepthEvent] = []  # read by DepthEfficiencyMonitor
@@ -152,6 +152,11 @@ class LayerPruneCallback(Callback):
         return self._generate_state_key(schedule=self.schedule.event_ids(), criterion=self.criterion)
 
     @property
+    def original_indices(self) -> list[int] | None:
+        """Original index of each current block, read from the model (so it also sees another pruner's removals)."""
+        return None if self._model is None else original_layer_indices(self._model, self.layers_path)
+
+    @property
     def done_events(self) -> list[str]:
         return [r["event"] for r in self.removed]
 
@@ -161,7 +166,7 @@ class LayerPruneCallback(Callback):
             return
         check_strategy_supported(trainer, "LayerPruneCallback")
         self._monitor = self._find_or_add_monitor(trainer)
-        self.original_indices = original_layer_indices(pl_module, self.layers_path)
+        self._model = pl_module
         if self.original_num_layers is None:
             self.original_num_layers = len(self.original_indices)
         self._make_plan(trainer)
@@ -191,12 +196,7 @@ class LayerPruneCallback(Callback):
     def _find_or_add_monitor(self, trainer: pl.Trainer) -> BlockInfluenceMonitor | None:
         if self.criterion not in ("block_influence", "angular"):
             return find_monitor(trainer)
-        monitor = find_monitor(trainer)
-        if monitor is None:
-            # Appended during the setup loop: Lightning goes on to call its setup and restores its state too.
-            monitor = BlockInfluenceMonitor(layers_path=self.layers_path)
-            trainer.callbacks.append(monitor)  # type: ignore[attr-defined]
-        return monitor
+        return find_or_add_monitor(trainer, "LayerPruneCallback", self.layers_path)
 
     def _make_plan(self, trainer: pl.Trainer) -> None:
         """Blocks per event, validated against the model and the Trainer before any training step."""
@@ -264,7 +264,6 @@ class LayerPruneCallback(Callback):
             if not set(wanted) <= set(present):
                 raise RuntimeError(f"LayerPruneCallback: cannot replay removal {record} on blocks {present}.")
             drop_layers(pl_module, [present.index(o) for o in wanted], self.layers_path)
-        self.original_indices = original_layer_indices(pl_module, self.layers_path)
         if records:
             rank_zero_info(f"LayerPruneCallback: rebuilt the pruned model from the checkpoint ({len(self.original_indices)} blocks).")
 
@@ -296,36 +295,36 @@ class LayerPruneCallback(Callback):
         dead = [p for i in chosen for p in layers[i].parameters()]
         original = [self.original_indices[i] for i in chosen]
         drop_layers(pl_module, chosen, self.layers_path)
-        self.original_indices = original_layer_indices(pl_module, self.layers_path)
         for optimizer in trainer.optimizers:
             drop_optimizer_params(optimizer, dead)
         rebuild_ddp(trainer)
         if self._monitor is not None:
             self._monitor.layers_removed(chosen)  # re-hook; next decision uses BI of the new model only
         seconds = time.perf_counter() - started
+        remaining = len(get_decoder_layers(pl_module, self.layers_path))
         record = {
             "event": event, "step": trainer.global_step, "epoch": trainer.current_epoch, "criterion": self.criterion,
             "current_indices": chosen, "original_layers": original, "scores": scores,
-            "num_layers_after": len(self.original_indices), "seconds": seconds,
+            "num_layers_after": remaining, "seconds": seconds,
         }
         self.removed.append(record)
         self.depth_events.append(DepthEvent(step=trainer.global_step, kind="prune", original_layers=original,
                                             scores=scores if len(scores) == len(original) else [],
-                                            detail=f"{self.criterion}: -{len(original)} -> {len(self.original_indices)} blocks"))
+                                            detail=f"{self.criterion}: -{len(original)} -> {remaining} blocks"))
         rank_zero_info(
             f"LayerPruneCallback: step {trainer.global_step}: removed original blocks {original} ({self.criterion}"
-            f" scores {[round(s, 4) for s in scores]}); {len(self.original_indices)} remain; took {seconds:.2f}s."
+            f" scores {[round(s, 4) for s in scores]}); {remaining} remain; took {seconds:.2f}s."
         )
         for logger in trainer.loggers:
-            logger.log_metrics({"prune/num_layers": float(len(self.original_indices)), "prune/event_seconds": seconds}, step=trainer.global_step)
+            logger.log_metrics({"prune/num_layers": float(remaining), "prune/event_seconds": seconds}, step=trainer.global_step)
         if self.export_when in ("event", "both") and self.export_dir is not None:
             # a sibling, not a child: the final export replaces export_dir as a whole
             self.export(trainer, pl_module, self.export_dir.with_name(f"{self.export_dir.name}_step_{trainer.global_step}"))
 
     def _choose(self, trainer: pl.Trainer, count: int, event: str) -> tuple[list[int], list[float]]:
-        self.original_indices = original_layer_indices(trainer.lightning_module, self.layers_path)  # another pruner may have acted
-        protected = {i for i, o in enumerate(self.original_indices) if o in self._protected_original()}
-        num_layers = len(self.original_indices)
+        original = self.original_indices or []
+        protected = {i for i, o in enumerate(original) if o in self._protected_original()}
+        num_layers = len(original)
         if self.criterion == "last":
             return last_layers(num_layers, count, protected), []
         if self.criterion == "random":
