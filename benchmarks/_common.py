@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import statistics
 import sys
+import time
 from pathlib import Path
 
+import lightning.pytorch as pl
 import torch
+from torch.utils.data import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -28,6 +31,35 @@ def shakespeare_blocks(tokenizer, num_blocks: int, seq_len: int, skip_blocks: in
     if ids.numel() < need:
         raise ValueError(f"only {ids.numel()} tokens in {files} files, need {need}: raise `files`")
     return ids[skip_blocks * seq_len : need].view(num_blocks, seq_len)
+
+
+class Blocks(Dataset):
+    """Rows of a ``(N, T)`` token tensor as causal-LM examples."""
+
+    def __init__(self, ids: torch.Tensor) -> None:
+        self.ids = ids  # (N, T)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i])}
+
+
+class StepTimer(pl.Callback):
+    """Wall time of each training batch (start to end: forward, backward, optimizer step, the end-of-step work of
+    callbacks placed before it), with the ``global_step`` it started at."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+        self.times: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._start, self._step = time.perf_counter(), trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.steps.append(self._step)
+        self.times.append(time.perf_counter() - self._start)
 
 
 def median(xs: list[float]) -> float:

@@ -26,7 +26,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from _common import median, real_model, shakespeare_blocks, table
+from _common import StepTimer, median, real_model, shakespeare_blocks, table
 from torch.utils.data import DataLoader, TensorDataset
 
 from lp_callbacks import BlockInfluenceMonitor, block_influence, get_decoder_layers
@@ -47,19 +47,6 @@ class LM(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=self.lr)
 
 
-class StepTimer(pl.Callback):
-    """Wall time of each training step (batch start to batch end, the monitor's end-of-step work included)."""
-
-    def __init__(self):
-        self.times: dict[int, float] = {}
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._t0, self._step = time.perf_counter(), trainer.global_step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.times[self._step] = time.perf_counter() - self._t0
-
-
 def trainer_overhead(steps: int, batch: int, seq: int) -> dict:
     model, tok = real_model()
     ids = shakespeare_blocks(tok, steps * batch, seq)
@@ -68,7 +55,7 @@ def trainer_overhead(steps: int, batch: int, seq: int) -> dict:
     trainer = pl.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[monitor, timer])
     trainer.fit(LM(model, 1e-5), DataLoader(TensorDataset(ids), batch_size=batch))
-    warm = {s: t for s, t in timer.times.items() if s >= 2}  # the first steps warm up allocators
+    warm = {s: t for s, t in zip(timer.steps, timer.times) if s >= 2}  # the first steps warm up allocators
     measured = [t for s, t in warm.items() if s % 2 == 0]
     plain = [t for s, t in warm.items() if s % 2 == 1]
     return {"with_monitor_s": median(measured), "without_s": median(plain), "ratio": median(measured) / median(plain),

@@ -33,10 +33,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _common import Blocks, StepTimer  # noqa: E402
 
 from lp_callbacks.callbacks.layer_freeze import LayerFreezeCallback  # noqa: E402
 from lp_callbacks.data import shakespeare_files  # noqa: E402
@@ -47,30 +48,6 @@ from lp_callbacks.module import CausalLMModule  # noqa: E402
 _OOD_MODULES = ("subprocess", "shelve", "heapq", "sqlite3", "http.cookiejar", "unittest", "pickle", "difflib")
 # Plays never trained on: the in-domain held-out set.
 _HELD_OUT_PLAYS = ("tempest_gut.txt", "twelfth_night_gut.txt")
-
-
-class Blocks(Dataset):
-    def __init__(self, ids: torch.Tensor) -> None:
-        self.ids = ids  # (N, T)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i])}
-
-
-class StepTimer(Callback):
-    """Wall time of each training batch (forward, backward, optimizer step)."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.times.append(time.perf_counter() - self._start)
 
 
 def parse_args() -> argparse.Namespace:

@@ -38,7 +38,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from _common import median, real_model, table  # the repo root on sys.path: import lp_callbacks from it
+from _common import StepTimer, median, real_model, table  # the repo root on sys.path: import lp_callbacks from it
 from torch.utils.data import DataLoader, TensorDataset
 
 from lp_callbacks import BlockInfluenceMonitor, LayerPruneCallback, block_influence, drop_layers, get_decoder_layers
@@ -161,19 +161,6 @@ class PerplexityAfterEvent(pl.Callback):
             self.ppl = perplexity(pl_module.model, self.held_out)
             self.num_layers = len(get_decoder_layers(pl_module))
             self.lr_at_event = trainer.optimizers[0].param_groups[0]["lr"]
-
-
-class StepTimer(pl.Callback):
-    """Wall time of each training step (batch start to batch end), for the record (not compared: not interleaved)."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.times.append(time.perf_counter() - self._start)
 
 
 def quality_run(criterion: str, count: int, seed: int, data: dict[str, torch.Tensor], args) -> dict[str, Any]:

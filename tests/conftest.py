@@ -103,8 +103,29 @@ def family(request) -> str:
     return request.param
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread (and do not spin against other jobs on a shared CPU)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def write_corpus(directory, lines: int = 300):
+    """A small text file of random verse words: enough byte tokens for a few dozen blocks of 32."""
+    import random
+    from pathlib import Path
+
+    rng = random.Random(0)
+    words = "shall i compare thee to a summer's day thou art more lovely and more temperate".split()
+    path = Path(directory) / "corpus.txt"
+    path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(10)) for _ in range(lines)))
+    return path
+
+
 @pytest.fixture(autouse=True)
-def _single_thread_determinism():
+def _seed():
     torch.manual_seed(0)
     yield
 

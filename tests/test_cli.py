@@ -4,36 +4,19 @@ from __future__ import annotations
 
 import csv
 import json
-import random
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
+from conftest import write_corpus
 
 from lp_callbacks.cli import byte_tokenizer, main
 from lp_callbacks.config import ConfigError, config_help, load_config
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not spin against other jobs on a shared CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def write_corpus(directory: Path, lines: int = 300) -> Path:
-    """A small text file: enough byte tokens for a few dozen blocks of 32."""
-    rng = random.Random(0)
-    words = "shall i compare thee to a summer's day thou art more lovely and more temperate".split()
-    path = directory / "corpus.txt"
-    path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(10)) for _ in range(lines)))
-    return path
 
 
 def tiny_args(tmp_path: Path, *extra: str) -> list[str]:

@@ -3,36 +3,20 @@
 from __future__ import annotations
 
 import json
-import random
 import re
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import write_corpus
 
 from lp_callbacks.cli import check_config, main
 from lp_callbacks.config import load_config
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 TINY = ROOT / "configs" / "tiny.yaml"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not spin against other jobs on a shared CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def write_corpus(directory: Path, lines: int = 300) -> Path:
-    rng = random.Random(0)
-    words = "rough winds do shake the darling buds of may and summer's lease hath all too short a date".split()
-    path = directory / "corpus.txt"
-    path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(10)) for _ in range(lines)))
-    return path
 
 
 def command_of(path: Path) -> list[str]:
