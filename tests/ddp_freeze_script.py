@@ -29,13 +29,13 @@ class SnapshotAtFreeze(Callback):
 
     def __init__(self) -> None:
         self.frozen: dict[str, torch.Tensor] = {}
-        self.wrappers: list[int] = []
+        self.wrappers: list[torch.nn.Module] = []  # the objects, not id()s: a freed wrapper's id can be reused
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self.wrappers.append(id(trainer.strategy.model))
+        self.wrappers.append(trainer.strategy.model)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self.wrappers.append(id(trainer.strategy.model))
+        self.wrappers.append(trainer.strategy.model)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == FREEZE_STEP and not self.frozen:
@@ -61,7 +61,7 @@ def main(out_dir: str) -> None:
             "at_freeze": snapshot.frozen,
             "optimizer_params": sorted(names[id(p)] for g in optimizer.param_groups for p in g["params"]),
             "optimizer_state_params": sorted(names[id(p)] for p in optimizer.state),
-            "wrapper_rebuilt": len(set(snapshot.wrappers)) == 2,  # a new DistributedDataParallel after the freeze
+            "wrapper_rebuilt": snapshot.wrappers[0] is not snapshot.wrappers[-1],  # a new DistributedDataParallel after the freeze
             "global_step": trainer.global_step,
         },
         os.path.join(out_dir, f"rank{trainer.global_rank}.pt"),
