@@ -8,6 +8,7 @@ from lp_callbacks.callbacks import (
     LayerPruneCallback,
     find_monitor,
 )
+from lp_callbacks.checkpoint import load_pruned_checkpoint, restore_pruned_architecture
 from lp_callbacks.events import DepthEvent
 from lp_callbacks.measure import DepthMeasurement, block_influence, measure_depth
 from lp_callbacks.schedules import GradualSchedule
@@ -27,5 +28,7 @@ __all__ = [
     "drop_layers",
     "find_monitor",
     "get_decoder_layers",
+    "load_pruned_checkpoint",
     "measure_depth",
+    "restore_pruned_architecture",
 ]

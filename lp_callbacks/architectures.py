@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -122,19 +123,85 @@ _FALLBACK_PATHS: tuple[str, ...] = (
 )
 
 
-def find_hf_model(module: nn.Module) -> nn.Module:
-    """Return the outermost Hugging Face ``PreTrainedModel`` inside ``module`` (or ``module`` itself).
-
-    Sees through a LightningModule attribute, ``DistributedDataParallel.module``, ``torch.compile``'s ``_orig_mod``
-    and PEFT wrappers, since all of them register the wrapped model as a submodule. Returns ``module`` unchanged
-    when it holds no ``PreTrainedModel`` (a custom model: pass ``layers_path`` then).
-    """
+def _outermost_hf_models(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(attribute path, model)`` of every ``PreTrainedModel`` in ``module`` that no other one contains."""
     from transformers import PreTrainedModel
 
-    for candidate in module.modules():  # pre-order: the outermost model comes first
-        if isinstance(candidate, PreTrainedModel):
-            return candidate
-    return module
+    found: list[tuple[str, nn.Module]] = []
+    for name, candidate in module.named_modules():  # pre-order: an outer model comes before what it contains
+        if isinstance(candidate, PreTrainedModel) and not any(name.startswith(f"{outer}.") for outer, _ in found):
+            found.append((name, candidate))
+            if not name:  # ``module`` is itself the model
+                break
+    return found
+
+
+def _path_root(module: nn.Module, layers_path: str) -> tuple[nn.Module, str] | None:
+    """``layers_path`` read from ``module``: the first ``PreTrainedModel`` it crosses and the rest of the path."""
+    from transformers import PreTrainedModel
+
+    root, rest, obj = module, layers_path, module
+    names = layers_path.split(".")
+    for i, name in enumerate(names):
+        obj = getattr(obj, name, None)
+        if obj is None:
+            return None
+        if root is module and isinstance(obj, PreTrainedModel) and i < len(names) - 1:
+            root, rest = obj, ".".join(names[i + 1 :])
+    return (root, rest) if isinstance(obj, nn.ModuleList) else None
+
+
+def _describe_models(models: list[tuple[str, nn.Module]]) -> str:
+    parts = []
+    for name, model in models:
+        frozen = ", all parameters frozen" if not any(p.requires_grad for p in model.parameters()) else ""
+        parts.append(f"`{name}` ({type(model).__name__}{frozen})")
+    return ", ".join(parts)
+
+
+def find_hf_model(module: nn.Module, layers_path: str | None = None) -> nn.Module:
+    """Return the Hugging Face ``PreTrainedModel`` the callbacks act on (or ``module`` when it holds none).
+
+    Sees through a LightningModule attribute, ``DistributedDataParallel.module``, ``torch.compile``'s ``_orig_mod``
+    and PEFT wrappers, since all of them register the wrapped model as a submodule. A module holding several models
+    (a teacher and a student) is ambiguous: then ``layers_path`` must say which, read from ``module``
+    (``layers_path="student.model.layers"``); without it this refuses rather than guess.
+
+    Raises:
+        ValueError: ``module`` holds more than one outermost ``PreTrainedModel`` and ``layers_path`` does not
+            name the blocks of one of them.
+    """
+    models = _outermost_hf_models(module)
+    if layers_path is not None and len(models) > 1:
+        found = _path_root(module, layers_path)
+        if found is not None:
+            return found[0]
+    if len(models) > 1:
+        example = f"{models[-1][0]}.{_table_paths(models[-1][1])[0]}"
+        where = f"`layers_path={layers_path!r}` does not name the blocks of one of them" if layers_path else "none is named"
+        raise ValueError(
+            f"{type(module).__name__} holds {len(models)} Hugging Face models: {_describe_models(models)}; {where}."
+            " lp_callbacks will not guess which one to measure, prune or freeze: pass `layers_path`, the dotted path"
+            f" of that model's block list from the {type(module).__name__} (for example layers_path={example!r}),"
+            " to every lp_callbacks callback."
+        )
+    if not models:
+        return module
+    name, model = models[0]
+    if name and not any(p.requires_grad for p in model.parameters()):
+        warnings.warn(
+            f"lp_callbacks acts on `{name}` ({type(model).__name__}), the only Hugging Face model in"
+            f" {type(module).__name__}, but all its parameters are frozen: is it a teacher or a reference model"
+            " rather than the one being trained?",
+            UserWarning,
+            stacklevel=2,
+        )
+    return model
+
+
+def _table_paths(model: nn.Module) -> tuple[str, ...]:
+    arch = ARCHITECTURES.get(_model_type(model) or "")
+    return arch.layer_paths if arch is not None else _FALLBACK_PATHS
 
 
 def _model_type(model: nn.Module) -> str | None:
@@ -167,11 +234,16 @@ def resolve_layers_path(model: nn.Module, layers_path: str | None = None) -> tup
     Raises:
         ValueError: when nothing is found; the message lists the family and every path searched.
     """
-    root = find_hf_model(model)
+    root = find_hf_model(model, layers_path)
     if layers_path is not None:
         if not isinstance(layers_path, str) or not layers_path:
             raise ValueError(f"`layers_path` must be a non-empty dotted attribute path, got {layers_path!r}.")
         found = _get_path(root, layers_path)
+        if not isinstance(found, nn.ModuleList):
+            from_module = _path_root(model, layers_path)  # read from the LightningModule (several models)
+            if from_module is not None and from_module[0] is root:
+                root, layers_path = from_module
+                found = _get_path(root, layers_path)
         if not isinstance(found, nn.ModuleList):
             raise ValueError(
                 f"`layers_path={layers_path!r}` does not name a torch.nn.ModuleList on {type(root).__name__}"
@@ -182,8 +254,7 @@ def resolve_layers_path(model: nn.Module, layers_path: str | None = None) -> tup
         return root, layers_path
 
     model_type = _model_type(root)
-    arch = ARCHITECTURES.get(model_type or "")
-    searched = arch.layer_paths if arch is not None else _FALLBACK_PATHS
+    searched = _table_paths(root)
     for path in searched:
         found = _get_path(root, path)
         if isinstance(found, nn.ModuleList):

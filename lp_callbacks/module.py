@@ -22,6 +22,8 @@ from lightning.pytorch import LightningModule
 from torch import nn
 from torchmetrics.aggregation import MeanMetric
 
+from lp_callbacks.checkpoint import restore_pruned_architecture
+
 __all__ = ["CausalLMModule", "lr_factor"]
 
 _SCHEDULES = ("constant", "cosine")
@@ -51,6 +53,9 @@ class CausalLMModule(LightningModule):
     Batches are dicts with ``input_ids`` and optionally ``attention_mask`` and ``labels`` (as
     :class:`~lp_callbacks.data.TextDataModule` yields). Without ``labels``, the labels are ``input_ids`` with padding
     (``attention_mask == 0``) set to -100; the mask, not ``pad_token_id``, decides, since many tokenizers pad with EOS.
+
+    A pruned run's checkpoint loads into a freshly built, full-depth module (``load_from_checkpoint``,
+    ``validate``/``test`` with ``ckpt_path``): ``on_load_checkpoint`` rebuilds the recorded architecture first.
 
     Logs ``train_loss`` every step, and ``val_loss`` (mean over all predicted tokens) and ``val_ppl`` per validation.
 
@@ -164,6 +169,11 @@ class CausalLMModule(LightningModule):
         self.val_loss_mean.reset()
         self.log("val_loss", val_loss, prog_bar=True)
         self.log("val_ppl", torch.exp(val_loss))
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A pruned run's checkpoint holds fewer blocks: shrink this (full-depth) model to match before the weights
+        # load, in every stage and in `load_from_checkpoint`.
+        restore_pruned_architecture(self.model, checkpoint)
 
     def configure_optimizers(self) -> Any:
         decay, no_decay = [], []

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["GradualSchedule", "PruneSchedule", "split_evenly"]
+__all__ = ["GradualSchedule", "PruneSchedule", "split_evenly", "unmeasured_events"]
 
 
 def _int_list(name: str, values: Sequence[int], minimum: int) -> tuple[int, ...]:
@@ -102,3 +102,22 @@ def split_evenly(total: int, parts: int) -> list[int]:
     """``total`` items over ``parts`` events, the earlier events taking the remainder."""
     base, extra = divmod(total, parts)
     return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+def unmeasured_events(steps: Sequence[int], every_n_steps: int) -> list[int]:
+    """Event steps with no measured training step since the previous event (or the start).
+
+    A training step is measured when ``global_step % every_n_steps == 0`` as it starts, so the event after optimizer
+    step ``s`` has a measurement iff some ``t`` in ``[previous event, s - 1]`` is a multiple of ``every_n_steps``.
+
+    Example:
+        >>> unmeasured_events([2, 3, 9], every_n_steps=4)
+        [3]
+    """
+    gaps, previous = [], 0
+    for step in sorted(steps):
+        first_measured = -(-previous // every_n_steps) * every_n_steps
+        if first_measured >= step:
+            gaps.append(step)
+        previous = step
+    return gaps

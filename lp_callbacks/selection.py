@@ -32,9 +32,18 @@ def _check_enough(k: int, candidates: list[int], num_layers: int, protected: Col
 
 
 def lowest_scores(scores: Tensor, k: int, protected: Collection[int] = ()) -> list[int]:
-    """ShortGPT: the ``k`` unprotected layers with the lowest score (NaN = not measured = never chosen), sorted."""
+    """ShortGPT: the ``k`` unprotected layers with the lowest score (NaN = not measured = never chosen), sorted.
+
+    Raises ``ValueError`` when fewer than ``k`` unprotected layers have a finite score.
+    """
     candidates = _candidates(len(scores), protected)
     _check_enough(k, candidates, len(scores), protected)
+    measured = [i for i in candidates if torch.isfinite(scores[i])]
+    if len(measured) < k:
+        raise ValueError(
+            f"cannot choose {k} layers by score: only {len(measured)} unprotected layers have a measured (finite)"
+            f" score, got {scores.tolist()}."
+        )
     values = torch.nan_to_num(scores.double()[candidates], nan=float("inf"))
     order = torch.argsort(values, stable=True)[:k]
     return sorted(candidates[i] for i in order.tolist())

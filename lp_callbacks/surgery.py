@@ -34,7 +34,15 @@ from lp_callbacks.architectures import (
     resolve_layers_path,
 )
 
-__all__ = ["drop_layers", "drop_optimizer_params", "freeze_layers", "original_layer_indices", "unfreeze_layers"]
+__all__ = [
+    "check_removal_supported",
+    "drop_emptied_param_groups",
+    "drop_layers",
+    "drop_optimizer_params",
+    "freeze_layers",
+    "original_layer_indices",
+    "unfreeze_layers",
+]
 
 # The Qwen-MoE rule's list of blocks forced dense (see `Architecture.moe_sparse_step_field`).
 _MLP_ONLY_FIELD = "mlp_only_layers"
@@ -82,6 +90,22 @@ def _find_architecture(root: nn.Module) -> Architecture | None:
             f" types: {', '.join(sorted(ARCHITECTURES))}. Add the family to lp_callbacks.architectures.ARCHITECTURES."
         )
     return arch
+
+
+def check_removal_supported(model: nn.Module, layers_path: str | None = None) -> str | None:
+    """What :func:`drop_layers` would refuse, known before any removal: call it at setup.
+
+    Raises the ``ValueError`` of an HF family missing from the architecture table (its per-layer config fields are
+    unknown). Returns why a surviving block cannot take a new index exactly (for example GPT-2 with
+    ``scale_attn_by_inverse_layer_idx=True``: only trailing blocks can go), or ``None`` when any removal is exact.
+    """
+    root, _ = resolve_layers_path(model, layers_path)
+    arch = _find_architecture(root)
+    if arch is None or arch.renumber_refusal is None:
+        return None
+    owner = get_layers_owner(model, layers_path)
+    reasons = [arch.renumber_refusal(config) for config in _decoder_configs(root, owner)]
+    return next((reason for reason in reasons if reason is not None), None)
 
 
 def _decoder_configs(root: nn.Module, owner: nn.Module) -> list[Any]:
@@ -318,6 +342,45 @@ def unfreeze_layers(model: nn.Module, indices: Sequence[int], layers_path: str |
         True
     """
     _set_requires_grad(model, indices, layers_path, True)
+
+
+# Per-param-group lists that LR schedulers keep outside the groups (torch.optim.lr_scheduler).
+_SCHEDULER_GROUP_FIELDS = ("base_lrs", "_last_lr", "lr_lambdas", "max_lrs", "min_lrs", "base_momentums", "max_momentums")
+
+
+def _drop_scheduler_entries(scheduler: Any, emptied: list[int], num_groups: int) -> None:
+    for nested in getattr(scheduler, "_schedulers", ()):  # SequentialLR, ChainedScheduler
+        _drop_scheduler_entries(nested, emptied, num_groups)
+    for name in _SCHEDULER_GROUP_FIELDS:
+        values = getattr(scheduler, name, None)
+        if isinstance(values, list) and len(values) == num_groups:
+            setattr(scheduler, name, [v for g, v in enumerate(values) if g not in emptied])
+
+
+def drop_emptied_param_groups(
+    optimizer: torch.optim.Optimizer, emptied: Sequence[int], schedulers: Iterable[Any] = ()
+) -> None:
+    """Delete the param groups at ``emptied`` (left without parameters by a removal) and their scheduler entries.
+
+    With one group per block (layer-wise learning rates), a removed block leaves an empty group that
+    ``configure_optimizers`` on the rebuilt model would not create, so a checkpoint taken afterwards could not be
+    resumed ("different number of parameter groups"). Deleting the group, and its entry in each LR scheduler of this
+    optimizer (``base_lrs``, ``lr_lambdas``, ...), keeps every other group's learning rate where it was.
+
+    Args:
+        optimizer: the optimizer whose groups lost all their parameters.
+        emptied: indices of those groups (each must be empty).
+        schedulers: LR schedulers stepping this optimizer.
+    """
+    num_groups = len(optimizer.param_groups)
+    emptied = sorted(set(emptied))
+    full = [g for g in emptied if optimizer.param_groups[g]["params"]]
+    if full:
+        raise ValueError(f"param groups {full} still hold parameters; only empty groups can be dropped.")
+    for scheduler in schedulers:
+        _drop_scheduler_entries(scheduler, emptied, num_groups)
+    for g in reversed(emptied):
+        del optimizer.param_groups[g]
 
 
 def drop_optimizer_params(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor]) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,6 +18,7 @@ from test_flops import _matmul_params
 
 from lp_callbacks.callbacks.block_influence import BlockInfluenceMonitor
 from lp_callbacks.callbacks.depth_efficiency import DepthEfficiencyMonitor, count_tokens, effective_depth
+from lp_callbacks.callbacks.layer_prune import LayerPruneCallback
 from lp_callbacks.events import DepthEvent, collect_depth_events
 from lp_callbacks.flops import count_parameters, flops_breakdown, flops_per_token
 from lp_callbacks.plotting import bi_matrix
@@ -40,6 +41,43 @@ def _valid_png(path) -> None:
 
 def _mask_tokens_per_batch(batch_size: int = 4) -> list[int]:
     return [int(b["attention_mask"].sum()) for b in loader(batch_size=batch_size)]
+
+
+class FakeClock:
+    """A clock that moves only when told to: timings are exact and do not depend on how loaded the machine is."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def _step_seconds(batch_idx: int) -> float:
+    """Seconds training batch ``batch_idx`` takes on the fake clock: distinct per batch, exact in binary."""
+    return (batch_idx + 1) / 8
+
+
+class ClockedLM(TinyLM):
+    """A TinyLM whose steps move a :class:`FakeClock`: ``step_seconds(batch_idx)`` per training batch and
+    ``validation_seconds`` per validation batch; records the ``global_step`` of each validation batch."""
+
+    def __init__(self, clock: FakeClock, step_seconds: Callable[[int], float] = _step_seconds,
+                 validation_seconds: float = 1024.0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.clock, self.step_seconds, self.validation_seconds = clock, step_seconds, validation_seconds
+        self.validated_at: list[int] = []
+
+    def training_step(self, batch, batch_idx):
+        self.clock.advance(self.step_seconds(batch_idx))
+        return super().training_step(batch, batch_idx)
+
+    def validation_step(self, batch, batch_idx):
+        self.clock.advance(self.validation_seconds)
+        self.validated_at.append(self.trainer.global_step)
 
 
 class ScriptedDepthChanges(Callback):
@@ -75,9 +113,10 @@ class ScriptedDepthChanges(Callback):
 
 
 def test_csv_logs_every_key_with_independent_values(tmp_path):
-    module = TinyLM("llama")
+    clock = FakeClock()
+    module = ClockedLM(clock)
     logger = CSVLogger(tmp_path, name="csv")
-    monitor = DepthEfficiencyMonitor(log_every_n_steps=2)
+    monitor = DepthEfficiencyMonitor(log_every_n_steps=2, clock=clock)
     trainer = fast_trainer(tmp_path, max_steps=6, logger=logger, callbacks=[BlockInfluenceMonitor(), monitor])
     trainer.fit(module, loader())
 
@@ -89,15 +128,16 @@ def test_csv_logs_every_key_with_independent_values(tmp_path):
         assert row["depth/params_total"] == row["depth/params_trainable"] == module.model.num_parameters()
         independent = 2 * _matmul_params(module.model) + 4.0 * 4 * 8 * SEQ * LAYERS
         assert row["depth/flops_per_token"] == pytest.approx(independent)
-        assert row["depth/tokens_per_sec"] > 0 and row["depth/step_time_sec"] > 0
         assert row["depth/peak_memory_bytes"] > 2**20
         assert 0 <= row["depth/layers_below_threshold"] <= LAYERS
         assert 1 <= row["depth/effective_depth"] <= LAYERS
 
-    # tokens/s x step time x steps = the attention-mask sum of the batches in the interval
+    # per interval (batches [a, b)): step time = the clock's seconds / steps, tokens/s = attention-mask sum / seconds
     per_batch = _mask_tokens_per_batch()
-    row4 = rows[2]
-    assert row4["depth/tokens_per_sec"] * row4["depth/step_time_sec"] * 2 == pytest.approx(sum(per_batch[2:4]))
+    for row, (a, b) in zip(rows, [(0, 1), (1, 2), (2, 4), (4, 6)]):
+        seconds = sum(_step_seconds(i) for i in range(a, b))
+        assert row["depth/step_time_sec"] == seconds / (b - a)
+        assert row["depth/tokens_per_sec"] == sum(per_batch[a:b]) / seconds
 
     summary = json.loads((tmp_path / "csv" / "version_0" / "depth" / "summary.json").read_text())
     assert summary["metrics"] == {k: v for k, v in rows[-1].items() if k.startswith("depth/")}
@@ -107,6 +147,82 @@ def test_csv_logs_every_key_with_independent_values(tmp_path):
         math.exp(summary["loss"]["after"]))
     for name in ("bi_heatmap.png", "bi_profile.png", "events.png"):
         _valid_png(tmp_path / "csv" / "version_0" / "depth" / name)
+
+
+def _csv_rows(logger: CSVLogger) -> list[dict[str, float]]:
+    with open(f"{logger.log_dir}/metrics.csv") as f:
+        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+
+
+def _table(text: str) -> dict[str, list[str]]:
+    """The summary table as ``{label: cells}``: a label fills the 20 columns after the 2-space indent."""
+    return {line[2:22].strip(): line[22:].split() for line in text.splitlines()[2:]}
+
+
+def _fmt(value: float, kind: str) -> str:
+    return {"int": f"{int(value):,}", "sci": f"{value:.3e}", "num": f"{value:.4g}"}[kind]
+
+
+def test_summary_figures_are_the_logged_values_they_name(tmp_path, monkeypatch):
+    printed: list[str] = []
+    monkeypatch.setattr("lp_callbacks.callbacks.depth_efficiency.rank_zero_info", printed.append)
+    clock = FakeClock()
+    logger = CSVLogger(tmp_path, name="csv")
+    monitor = DepthEfficiencyMonitor(log_every_n_steps=2, clock=clock)  # loss_window=10: longer than the run
+    callbacks = [BlockInfluenceMonitor(log_every_n_steps=1), LayerPruneCallback(num_layers=1, at_steps=[3]), monitor]
+    steps = 6
+    trainer = fast_trainer(tmp_path, max_steps=steps, logger=logger, log_every_n_steps=1, callbacks=callbacks)
+    trainer.fit(ClockedLM(clock), loader())
+
+    rows = _csv_rows(logger)
+    losses = [r["train_loss"] for r in rows if "train_loss" in r]  # what the module logged, every step
+    depth = [r for r in rows if "depth/num_layers" in r]
+    first, last = depth[0], depth[-1]
+    summary = monitor.run_summary
+    assert len(losses) == steps and losses[0] != losses[-1]
+    assert summary["loss"] == {"before": losses[0], "after": losses[-1]}
+    assert summary["perplexity"] == {"before": math.exp(losses[0]), "after": math.exp(losses[-1])}
+    for key in ("num_layers", "params_total", "params_trainable", "flops_per_token"):
+        assert summary[key] == {"before": first[f"depth/{key}"], "after": last[f"depth/{key}"]}, key
+    assert summary["num_layers"] == {"before": LAYERS, "after": LAYERS - 1}
+    for key in ("peak_memory_bytes", "effective_depth", "layers_below_threshold"):
+        assert summary[key] == last[f"depth/{key}"], key
+
+    train_seconds = sum(_step_seconds(i) for i in range(steps))
+    tokens = sum(_mask_tokens_per_batch()[:steps])
+    logged_steps = [0] + [int(r["step"]) for r in depth]
+    per_interval = [b - a for a, b in zip(logged_steps, logged_steps[1:])]
+    assert sum(r["depth/step_time_sec"] * n for r, n in zip(depth, per_interval)) == train_seconds
+    assert summary["train_time_sec"] == train_seconds and summary["tokens_seen"] == tokens
+    assert summary["step_time_sec_mean"] == train_seconds / steps
+    assert summary["tokens_per_sec_mean"] == tokens / train_seconds
+
+    (text,) = printed
+    table = _table(text)
+    figures = {"decoder layers": ("num_layers", "int"), "params total": ("params_total", "int"),
+               "params trainable": ("params_trainable", "int"), "FLOPs/token (fwd)": ("flops_per_token", "sci")}
+    for label, (key, kind) in figures.items():
+        assert table[label][:2] == [_fmt(first[f"depth/{key}"], kind), _fmt(last[f"depth/{key}"], kind)], label
+    change = f"({(losses[-1] - losses[0]) / losses[0]:+.1%})"
+    assert table["train loss"] == [_fmt(losses[0], "num"), _fmt(losses[-1], "num"), change]
+    assert table["perplexity"][:2] == [_fmt(math.exp(losses[0]), "num"), _fmt(math.exp(losses[-1]), "num")]
+    assert table["tokens/s (mean)"] == [_fmt(tokens / train_seconds, "num")]
+    assert table["step time s (mean)"] == [_fmt(train_seconds / steps, "num")]
+    assert table["peak memory MiB"] == [_fmt(last["depth/peak_memory_bytes"] / 2**20, "num")]
+    assert table["effective depth"] == [_fmt(last["depth/effective_depth"], "num")]
+    (event,) = [r for r in rows if "depth/event_loss_after" in r]
+    before, after = _fmt(event["depth/event_loss_before"], "num"), _fmt(event["depth/event_loss_after"], "num")
+    assert f"step 3: prune {monitor.events[0]['original_layers']}, loss {before} -> {after}" in text
+
+
+def test_tokens_seen_counts_intervals_the_clock_did_not_time(tmp_path):
+    monitor = DepthEfficiencyMonitor(log_every_n_steps=1, write_summary=False, save_plots_on_fit_end=False,
+                                     clock=FakeClock())  # never moves: no rates, but every token still counts
+    fast_trainer(tmp_path, max_steps=3, callbacks=[monitor]).fit(TinyLM("llama", num_layers=2), loader())
+    assert "depth/tokens_per_sec" not in monitor.last_metrics and "depth/step_time_sec" not in monitor.last_metrics
+    summary = monitor.run_summary
+    assert summary["tokens_seen"] == sum(_mask_tokens_per_batch()[:3]) and summary["train_time_sec"] == 0.0
+    assert summary["tokens_per_sec_mean"] is None and summary["step_time_sec_mean"] == 0.0
 
 
 def test_tensorboard_gets_scalars_and_figures(tmp_path):
@@ -187,7 +303,7 @@ def test_loss_around_an_event_and_recovery_steps():
     assert event["loss_before"] == pytest.approx((3.0 + 2.0) / 2)  # the 2 steps before step 4
     assert event["loss_after"] == 3.0
     assert event["status"] == "recovered" and event["recovery_steps"] == 2  # mean(2.6, 2.2) <= 2.5 at step 6
-    assert monitor._first_losses == [5.0, 4.0]
+    assert monitor._first_loss == 5.0  # the summary's train loss "before"
 
 
 def test_gradient_accumulation_counts_micro_batches(tmp_path):
@@ -211,14 +327,19 @@ def test_gradient_accumulation_counts_micro_batches(tmp_path):
 
 
 def test_validation_time_is_not_step_time(tmp_path):
-    class SlowValidation(TinyLM):
-        def validation_step(self, batch, batch_idx):
-            time.sleep(2.0)
-
-    monitor = DepthEfficiencyMonitor(log_every_n_steps=2, write_summary=False, save_plots_on_fit_end=False)
+    clock = FakeClock()
+    module = ClockedLM(clock, num_layers=2)
+    monitor = DepthEfficiencyMonitor(log_every_n_steps=2, write_summary=False, save_plots_on_fit_end=False,
+                                     clock=clock)
     trainer = fast_trainer(tmp_path, max_steps=4, val_check_interval=2, limit_val_batches=1, callbacks=[monitor])
-    trainer.fit(SlowValidation("llama", num_layers=2), loader(), loader(length=4))
-    assert monitor.last_logged_step == 4 and monitor.last_metrics["depth/step_time_sec"] < 0.9  # 1 s if counted
+    trainer.fit(module, loader(), loader(length=4))
+
+    assert module.validated_at == [2, 4]  # the first validation falls inside the interval logged at step 4
+    assert monitor.last_logged_step == 4
+    train_seconds = _step_seconds(2) + _step_seconds(3)  # batches 2 and 3 are the optimizer steps 3 and 4
+    assert monitor.last_metrics["depth/step_time_sec"] == train_seconds / 2  # (1024 + 7/8) / 2 if counted
+    tokens = sum(_mask_tokens_per_batch()[2:4])
+    assert monitor.last_metrics["depth/tokens_per_sec"] == tokens / train_seconds
 
 
 def test_resume_keeps_events_and_original_depth(tmp_path):
@@ -243,6 +364,14 @@ def test_resume_keeps_events_and_original_depth(tmp_path):
     assert len(resumed_tokens) == 2
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["tokens_seen"] == sum(_mask_tokens_per_batch()[:4]) + sum(resumed_tokens)
+
+
+def test_first_loss_restored_from_new_and_old_checkpoint_states():
+    monitor = DepthEfficiencyMonitor()
+    monitor.load_state_dict({"first_loss": 5.5})
+    assert monitor._first_loss == 5.5 and monitor.state_dict()["first_loss"] == 5.5
+    monitor.load_state_dict({"first_losses": [5.0, 4.0]})  # saved before the summary used the first step's loss
+    assert monitor._first_loss == 5.0
 
 
 def test_save_plots_on_demand_and_without_bi_monitor(tmp_path):
@@ -310,6 +439,8 @@ def test_bad_arguments_are_named(kwargs, match):
         DepthEfficiencyMonitor(**kwargs)
     with pytest.raises(TypeError, match="`tokens_fn` must be callable"):
         DepthEfficiencyMonitor(tokens_fn=5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="`clock` must be callable"):
+        DepthEfficiencyMonitor(clock=0.0)  # type: ignore[arg-type]
 
 
 class _Layers(torch.nn.Module):

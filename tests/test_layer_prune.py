@@ -304,3 +304,247 @@ def test_bad_plans_fail_before_any_training_step(tmp_path, kwargs, trainer_kwarg
 def test_gradual_schedule_steps():
     assert GradualSchedule(start_step=10, end_step=40, num_events=4).steps() == (10, 20, 30, 40)
     assert GradualSchedule(start_step=5, end_step=5, num_events=1).steps() == (5,)
+
+
+# ----------------------------------------------------------------------------------------------- issue 9 (RELIABILITY 21-31)
+def _checkpointed_run(tmp_path, prune, max_steps=4, every=4, module=None, data=None, **trainer_kwargs):
+    """Train with ``prune``, checkpointing every ``every`` steps; returns the module and the checkpoint folder."""
+    module = module or TinyLM()
+    folder = tmp_path / "ckpt"
+    checkpoint = ModelCheckpoint(dirpath=folder, every_n_train_steps=every, save_top_k=-1)
+    fast_trainer(tmp_path, callbacks=[prune, checkpoint], max_steps=max_steps, enable_checkpointing=True,
+                 **trainer_kwargs).fit(module, data or loader())
+    return module, folder
+
+
+def test_export_dir_holding_user_files_refused_before_any_step(tmp_path):  # RELIABILITY 21
+    user = tmp_path / "results"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    CountingLM.steps = 0
+    prune = LayerPruneCallback(num_layers=1, at_steps=[2], export_dir=user)
+    with pytest.raises(ValueError, match=r"(?s)`export_dir`.*results.*not an earlier lp_callbacks export.*notes.txt"):
+        fast_trainer(tmp_path, callbacks=[prune], max_steps=3).fit(CountingLM(), loader())
+    assert CountingLM.steps == 0 and (user / "notes.txt").read_text() == "mine"
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match="export_dir"):  # uncreatable: under a file
+        fast_trainer(tmp_path, callbacks=[LayerPruneCallback(num_layers=1, at_steps=[2], export_dir=blocker / "out")],
+                     max_steps=3).fit(CountingLM(), loader())
+    assert CountingLM.steps == 0
+
+
+def test_event_exports_replace_only_their_own_and_expand_home(tmp_path, monkeypatch):  # RELIABILITY 21
+    monkeypatch.setenv("HOME", str(tmp_path))
+    prune = LayerPruneCallback(num_layers=2, at_steps=[2, 3], export_dir="~/pruned", export_when="both")
+    fast_trainer(tmp_path, callbacks=[prune], max_steps=4).fit(TinyLM(), loader())
+    for name in ("pruned", "pruned_step_2", "pruned_step_3"):
+        assert (tmp_path / name / "lp_pruning.json").is_file(), name
+    again = LayerPruneCallback(num_layers=2, at_steps=[2, 3], export_dir="~/pruned", export_when="both")
+    fast_trainer(tmp_path, callbacks=[again], max_steps=4).fit(TinyLM(seed=1), loader())  # replaces its own exports
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith((".pruned", "pruned"))) == [
+        "pruned", "pruned_step_2", "pruned_step_3"]  # no hidden leftovers
+
+
+PEFT_LOGITS = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+assert "lp_callbacks" not in sys.modules
+with torch.no_grad():
+    torch.save(model(input_ids=torch.load(sys.argv[2])).logits, sys.argv[3])
+"""
+
+
+def test_pruned_peft_model_exports_with_its_trained_behaviour(tmp_path):  # RELIABILITY 22
+    peft = pytest.importorskip("peft")
+
+    class LoraLM(TinyLM):
+        def __init__(self):
+            super().__init__()
+            config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+            self.model = peft.get_peft_model(self.model, config)
+
+    module = LoraLM()
+    prune = LayerPruneCallback(num_layers=2, at_steps=[2], export_dir=tmp_path / "export")
+    fast_trainer(tmp_path, callbacks=[prune], max_steps=3).fit(module, loader())
+    ids = torch.randint(1, 128, (2, 12), generator=torch.Generator().manual_seed(3))
+    torch.save(ids, tmp_path / "ids.pt")
+    module.eval()
+    with torch.no_grad():
+        expected = module(ids)
+    proc = subprocess.run([sys.executable, "-c", PEFT_LOGITS, str(tmp_path / "export"), str(tmp_path / "ids.pt"),
+                           str(tmp_path / "logits.pt")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, atol=1e-4, rtol=0)
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["num_hidden_layers"] == LAYERS - 2
+
+
+class TeacherStudent(TinyLM):
+    """A distillation-style module: a frozen teacher assigned before the student."""
+
+    def __init__(self):
+        super().__init__()
+        teacher = self.model
+        teacher.requires_grad_(False)
+        del self.model
+        self.teacher = teacher
+        self.student = TinyLM(seed=1).model
+        self.model = self.student  # TinyLM's steps train self.model (registered twice: same object)
+
+
+def test_several_models_refused_unless_named(tmp_path):  # RELIABILITY 23
+    CountingLM.steps = 0
+    with pytest.raises(ValueError, match=r"holds 2 Hugging Face models: `teacher` \(LlamaForCausalLM, all parameters frozen\)"):
+        fast_trainer(tmp_path, callbacks=[LayerPruneCallback(num_layers=1, at_steps=[2])], max_steps=3).fit(TeacherStudent(), loader())
+    module = TeacherStudent()
+    prune = LayerPruneCallback(num_layers=2, at_steps=[2], layers_path="student.model.layers", export_dir=tmp_path / "out")
+    monitor = BlockInfluenceMonitor(layers_path="student.model.layers")
+    fast_trainer(tmp_path, callbacks=[monitor, prune], max_steps=3).fit(module, loader())
+    assert len(module.student.model.layers) == LAYERS - 2 and len(module.teacher.model.layers) == LAYERS
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == LAYERS - 2
+
+
+def test_resume_with_another_criterion_keeps_the_applied_removal(tmp_path):  # RELIABILITY 24
+    first, folder = _checkpointed_run(tmp_path, LayerPruneCallback(num_layers=2, at_steps=[3]))
+    edited, module = LayerPruneCallback(num_layers=2, at_steps=[3], criterion="last"), TinyLM()
+    assert edited.state_key != LayerPruneCallback(num_layers=2, at_steps=[3]).state_key
+    fast_trainer(tmp_path, callbacks=[edited], max_steps=7).fit(module, loader(), ckpt_path=str(folder / "epoch=0-step=4.ckpt"))
+    assert n_layers(module) == LAYERS - 2 and len(edited.removed) == 1  # restored, never fired again
+
+
+def test_resume_with_a_larger_total_applies_it_to_future_events(tmp_path):  # RELIABILITY 24
+    prune = LayerPruneCallback(num_layers=2, at_steps=[3])
+    _, folder = _checkpointed_run(tmp_path, prune)
+    edited, module = LayerPruneCallback(num_layers=3, at_steps=[3, 6]), TinyLM()
+    fast_trainer(tmp_path, callbacks=[edited], max_steps=7).fit(module, loader(), ckpt_path=str(folder / "epoch=0-step=4.ckpt"))
+    assert [len(r["original_layers"]) for r in edited.removed] == [2, 1] and n_layers(module) == LAYERS - 3
+    assert edited.removed[0] == prune.removed[0]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"num_layers": 4, "at_steps": [3]}, r"total of 4 blocks does not fit the 2 removed already and 0 events to come"),
+        ({"num_layers": 2, "at_steps": [2, 6]}, r"events \['step:2'\] lie at or before the checkpoint \(step 4"),
+        ({"num_layers": 2, "at_steps": [3, 6]}, r"0 layer\(s\) to remove cannot be spread over 1 events to come"),
+    ],
+    ids=["total-without-events", "past-event", "nothing-left"],
+)
+def test_resume_with_an_incoherent_plan_is_refused_showing_both(tmp_path, kwargs, match):  # RELIABILITY 24
+    _, folder = _checkpointed_run(tmp_path, LayerPruneCallback(num_layers=2, at_steps=[3]))
+    CountingLM.steps = 0
+    with pytest.raises(ValueError, match=match) as error:
+        fast_trainer(tmp_path, callbacks=[LayerPruneCallback(**kwargs)], max_steps=8).fit(
+            CountingLM(), loader(), ckpt_path=str(folder / "epoch=0-step=4.ckpt"))
+    assert CountingLM.steps == 0
+    if "cannot resume" in str(error.value):  # both plans shown: what the checkpoint did, what is asked now
+        assert "removed {'step:3': [" in str(error.value) and f"events {[f'step:{s}' for s in kwargs['at_steps']]}" in str(error.value)
+
+
+def test_reused_callbacks_plan_and_export_the_second_model(tmp_path):  # RELIABILITY 25
+    monitor, prune = BlockInfluenceMonitor(), LayerPruneCallback(num_layers=2, at_steps=[2], export_dir=tmp_path / "out")
+    first = TinyLM()
+    fast_trainer(tmp_path, callbacks=[monitor, prune], max_steps=3).fit(first, loader())
+    second = TinyLM(num_layers=8, seed=1)
+    fast_trainer(tmp_path, callbacks=[monitor, prune], max_steps=3).fit(second, loader())
+    assert n_layers(first) == LAYERS - 2 and n_layers(second) == 6
+    assert len(prune.removed) == 1 and prune.original_num_layers == 8
+    record = json.loads((tmp_path / "out" / "lp_pruning.json").read_text())
+    assert record["original_num_layers"] == 8 and len(record["kept_original_layers"]) == 6
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 6
+    assert monitor.original_indices == prune.original_indices
+    with pytest.raises(ValueError, match="already pruned"):  # the pruned model itself, without its checkpoint
+        fast_trainer(tmp_path, callbacks=[prune], max_steps=3).fit(second, loader())
+
+
+def test_no_token_measured_refuses_to_remove(tmp_path):  # RELIABILITY 26
+    data = loader()
+    data.dataset.attention_mask.zero_()
+    module = TinyLM()
+    with pytest.raises(RuntimeError, match="no real token was measured before event 'step:2'"):
+        fast_trainer(tmp_path, callbacks=[LayerPruneCallback(num_layers=1, at_steps=[2])], max_steps=3).fit(module, data)
+    assert n_layers(module) == LAYERS
+
+
+def _gpt2_inverse_scaling():
+    module = TinyLM(family="gpt2")
+    module.model.config.scale_attn_by_inverse_layer_idx = True
+    return module
+
+
+def _gpt_bigcode():
+    from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
+
+    module = TinyLM()
+    module.model = GPTBigCodeForCausalLM(GPTBigCodeConfig(vocab_size=128, n_embd=32, n_layer=4, n_head=4, n_positions=64))
+    return module
+
+
+@pytest.mark.parametrize(
+    ("make", "kwargs", "trainer_kwargs", "match"),
+    [
+        (CountingLM, {"at_steps": [20]}, {"max_steps": -1, "max_epochs": 1}, r"steps \[20\] that this run never reaches: it ends after 8"),
+        (CountingLM, {"at_steps": [2, 3], "num_layers": 2}, {"callbacks": [BlockInfluenceMonitor(every_n_steps=4)]}, r"events at steps \[3\] have no measured step"),
+        (_gpt2_inverse_scaling, {"at_steps": [2]}, {}, "scale_attn_by_inverse_layer_idx"),
+        (_gpt_bigcode, {"at_steps": [2]}, {}, r"model_type='gpt_bigcode'"),
+        (CountingLM, {"at_steps": [2], "min_layers": 9}, {}, r"`min_layers` must be below the model's 6 decoder layers, got 9"),
+    ],
+    ids=["unreachable-step", "measurement-gap", "gpt2-inverse-scaling", "family-not-in-table", "min-layers"],
+)
+def test_errors_known_at_setup_come_before_any_step(tmp_path, make, kwargs, trainer_kwargs, match):  # RELIABILITY 27
+    CountingLM.steps = 0
+    trainer_kwargs = dict(trainer_kwargs)
+    callbacks = [*trainer_kwargs.pop("callbacks", []), LayerPruneCallback(**{"num_layers": 1, **kwargs})]
+    module = make()
+    before = sum(p.sum().item() for p in module.parameters())
+    with pytest.raises(ValueError, match=match):
+        fast_trainer(tmp_path, callbacks=callbacks, **{"max_steps": 4, **trainer_kwargs}).fit(module, loader())
+    assert CountingLM.steps == 0 and sum(p.sum().item() for p in module.parameters()) == before
+
+
+class LayerwiseLM(TinyLM):
+    """One param group per decoder block, each with its own LR (layer-wise decay), and a per-group schedule."""
+
+    def configure_optimizers(self):
+        layers = get_decoder_layers(self)
+        in_blocks = {id(p) for p in layers.parameters()}
+        groups = [{"params": list(layer.parameters()), "lr": 1e-2 * 0.8 ** i} for i, layer in enumerate(layers)]
+        groups.append({"params": [p for p in self.parameters() if id(p) not in in_blocks], "lr": 1e-3})
+        optimizer = torch.optim.AdamW(groups)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def test_layerwise_param_groups_resume_after_a_removal(tmp_path):  # RELIABILITY 28
+    def lrs(trainer):
+        return [g["lr"] for g in trainer.optimizers[0].param_groups]
+
+    full = LayerwiseLM()
+    trainer = fast_trainer(tmp_path / "full", callbacks=[LayerPruneCallback(num_layers=2, at_steps=[2], criterion="last")], max_steps=6)
+    trainer.fit(full, loader(length=16))  # 4 batches an epoch: the step-4 checkpoint ends an epoch
+    _, folder = _checkpointed_run(tmp_path, LayerPruneCallback(num_layers=2, at_steps=[2], criterion="last"),
+                                  module=LayerwiseLM(), data=loader(length=16))
+    resumed = LayerwiseLM()
+    again = fast_trainer(tmp_path, callbacks=[LayerPruneCallback(num_layers=2, at_steps=[2], criterion="last")], max_steps=6)
+    again.fit(resumed, loader(length=16), ckpt_path=str(folder / "epoch=0-step=4.ckpt"))
+    assert len(again.optimizers[0].param_groups) == LAYERS - 2 + 1
+    assert lrs(again) == pytest.approx(lrs(trainer))  # every surviving block kept its own learning rate
+    for (k, a), b in zip(params_of(full).items(), params_of(resumed).values()):
+        torch.testing.assert_close(a, b, msg=k)
+
+
+def test_model_built_in_configure_model_is_found_and_pruned(tmp_path):  # RELIABILITY 31
+    class LateLM(TinyLM):
+        def __init__(self):
+            super().__init__()
+            del self.model
+
+        def configure_model(self):
+            if not hasattr(self, "model"):
+                self.model = TinyLM().model
+
+    module = LateLM()
+    prune = LayerPruneCallback(num_layers=2, at_steps=[2])
+    fast_trainer(tmp_path, callbacks=[prune], max_steps=3).fit(module, loader())
+    assert n_layers(module) == LAYERS - 2 and prune.original_num_layers == LAYERS

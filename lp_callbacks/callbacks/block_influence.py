@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lp_callbacks.architectures import find_hf_model
+from lp_callbacks.checkpoint import register_rebuild_hook
 from lp_callbacks.measure import _model_inputs, progress
 from lp_callbacks.recorder import BlockInfluenceRecorder
 from lp_callbacks.surgery import original_layer_indices
@@ -176,6 +177,7 @@ class BlockInfluenceMonitor(Callback):
         self._ema_decay, self._window = ema_decay, window
         self._step_at_batch_start: int | None = None
         self._pending = False
+        self._rebuild_hook: Any = None
 
     # ================================================================ public reading API
     @property
@@ -248,7 +250,13 @@ class BlockInfluenceMonitor(Callback):
         return self.block_influence
 
     # ================================================================ Lightning hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._start_run()
+        self._rebuild_hook = register_rebuild_hook(trainer, pl_module, self.layers_path)
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_rebuild_hook()
         self._attach(pl_module)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -305,6 +313,7 @@ class BlockInfluenceMonitor(Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._detach()
+        self._remove_rebuild_hook()
 
     # ================================================================ checkpointing
     def state_dict(self) -> dict[str, Any]:
@@ -329,6 +338,18 @@ class BlockInfluenceMonitor(Callback):
             self._running_angular[int(n)].load_state_dict(running_state)
 
     # ================================================================ internals
+    def _start_run(self) -> None:
+        """A fit starts a new record (a resumed one gets its state back from the checkpoint afterwards)."""
+        self._detach()
+        self.reset()
+        self.original_indices = None
+        self.history = []
+
+    def _remove_rebuild_hook(self) -> None:
+        if self._rebuild_hook is not None:
+            self._rebuild_hook.remove()
+            self._rebuild_hook = None
+
     def _attach(self, pl_module: pl.LightningModule) -> None:
         if self.recorder is not None:
             return
@@ -352,7 +373,7 @@ class BlockInfluenceMonitor(Callback):
     def _calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.recorder is None or self.calibration_dataloader is None:
             return
-        model = find_hf_model(pl_module)  # the HF model takes input_ids/attention_mask; a user's forward may not
+        model = find_hf_model(pl_module, self.layers_path)  # the HF model takes input_ids/attention_mask; a user's forward may not
         was_training = pl_module.training
         pl_module.eval()
         try:

@@ -113,6 +113,18 @@ def _finite_or_none(value: Any) -> Any:
     return value
 
 
+def _first_loss_in(state: Mapping[str, Any]) -> float | None:
+    """The first step's loss saved in a checkpoint state; older states kept the first ``loss_window`` losses.
+
+    Args:
+        state: the monitor's ``state_dict``.
+    """
+    first = state.get("first_loss")
+    if first is None and state.get("first_losses"):
+        first = state["first_losses"][0]
+    return None if first is None else float(first)
+
+
 def _perplexity(loss: float | None) -> float | None:
     if loss is None:
         return None
@@ -209,8 +221,8 @@ class DepthEfficiencyMonitor(Callback):
     ``depth/flops_per_token``       forward FLOPs per token of the current architecture at the batch's padded length
                                     (or ``seq_len``): attention + MLP + LM head, see :mod:`lp_callbacks.flops`
     ``depth/tokens_per_sec``        tokens (attention-mask sum, else ``input_ids.numel()``; summed over ranks) per
-                                    second of wall-clock time since the previous log
-    ``depth/step_time_sec``         wall-clock seconds per optimizer step since the previous log, data loading and
+                                    second of ``clock`` (wall-clock time by default) since the previous log
+    ``depth/step_time_sec``         seconds of ``clock`` per optimizer step since the previous log, data loading and
                                     callbacks included, validation excluded (``tokens_per_sec * step_time_sec`` =
                                     tokens per step)
     ``depth/peak_memory_bytes``     ``torch.cuda.max_memory_allocated`` on GPU, the process's peak RSS on CPU
@@ -238,7 +250,10 @@ class DepthEfficiencyMonitor(Callback):
     grey, events as lines), ``bi_profile.png`` (latest BI per original layer), ``events.png`` (loss and depth over
     steps with the events), also sent to TensorBoard (``add_figure``), W&B (``log_image``) or MLflow
     (``log_figure``) loggers; then ``summary.json`` (:attr:`run_summary`, whose ``"metrics"`` are exactly the last
-    values logged) and a compact table printed with ``rank_zero_info``.
+    values logged) and a compact table printed with ``rank_zero_info``. In the summary, "before" is the model at the
+    first training batch (what the first log shows unless the depth changed at step 1) and "after" the last logged
+    value; the train loss "before"/"after" is the loss of the first/last optimizer step of the run (kept across
+    resumes); the means are totals over the run (tokens / seconds, seconds / optimizer steps).
 
     Args:
         log_every_n_steps: log every N optimizer steps (``None``: the Trainer's ``log_every_n_steps``).
@@ -258,6 +273,9 @@ class DepthEfficiencyMonitor(Callback):
         loss_key: read the training loss from ``trainer.callback_metrics[loss_key]`` instead of ``outputs``.
         prefix: logged keys start with it.
         layers_path: dotted path of the decoder block list, for custom models.
+        clock: ``() -> seconds`` read for ``tokens_per_sec``, ``step_time_sec`` and the validation time they leave
+            out; only differences between two readings count (default :func:`time.perf_counter`). Tests pass a fake
+            clock to get exact timings; not configurable from YAML.
 
     Example:
         >>> trainer = pl.Trainer(callbacks=[BlockInfluenceMonitor(), LayerPruneCallback(...),  # doctest: +SKIP
@@ -285,6 +303,7 @@ class DepthEfficiencyMonitor(Callback):
         loss_key: str | None = None,
         prefix: str = "depth",
         layers_path: str | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         _check_positive_int("log_every_n_steps", log_every_n_steps, allow_none=True)
         _check_positive_int("seq_len", seq_len, allow_none=True)
@@ -299,6 +318,8 @@ class DepthEfficiencyMonitor(Callback):
             raise ValueError(f"`recovery_tolerance` must be a number in [0, 1), got {recovery_tolerance!r}.")
         if tokens_fn is not None and not callable(tokens_fn):
             raise TypeError(f"`tokens_fn` must be callable (batch -> int), got {type(tokens_fn).__name__}.")
+        if not callable(clock):
+            raise TypeError(f"`clock` must be callable (() -> seconds), got {type(clock).__name__}.")
         if not isinstance(prefix, str) or not prefix:
             raise ValueError(f"`prefix` must be a non-empty string, got {prefix!r}.")
         self.log_every_n_steps = log_every_n_steps
@@ -317,6 +338,7 @@ class DepthEfficiencyMonitor(Callback):
         self.loss_key = loss_key
         self.prefix = prefix
         self.layers_path = layers_path
+        self.clock = clock
 
         # kept across resumes (state_dict)
         self.original_num_layers: int | None = None
@@ -326,7 +348,7 @@ class DepthEfficiencyMonitor(Callback):
         self.run_summary: dict[str, Any] | None = None
         self._records: list[_EventRecord] = []
         self._loss_log: deque[tuple[int, float]] = deque(maxlen=4 * loss_window + 64)
-        self._first_losses: list[float] = []
+        self._first_loss: float | None = None  # the loss of the first optimizer step of the run
         self._loss_curve: list[tuple[int, float]] = []
         self._depth_curve: list[tuple[int, int]] = []
         self._totals = {"tokens": 0, "time": 0.0, "steps": 0}
@@ -416,7 +438,7 @@ class DepthEfficiencyMonitor(Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self._step_at_start = trainer.global_step
         if self._interval_start is None:
-            self._reset_interval(time.perf_counter())
+            self._reset_interval(self.clock())
         self._batch_seq_len = self.seq_len or _seq_len(batch) or self._batch_seq_len
         if self.baseline is None:
             self.baseline = self._measure_model(pl_module)
@@ -447,11 +469,11 @@ class DepthEfficiencyMonitor(Callback):
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._interval_start is not None:  # validation inside fit: its time is not training time
-            self._validation_start = time.perf_counter()
+            self._validation_start = self.clock()
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._validation_start is not None:
-            self._excluded += time.perf_counter() - self._validation_start
+            self._excluded += self.clock() - self._validation_start
             self._validation_start = None
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -488,7 +510,7 @@ class DepthEfficiencyMonitor(Callback):
             "baseline": self.baseline,
             "records": [r.state_dict() for r in self._records],
             "loss_log": list(self._loss_log),
-            "first_losses": list(self._first_losses),
+            "first_loss": self._first_loss,
             "loss_curve": list(self._loss_curve),
             "depth_curve": list(self._depth_curve),
             "totals": dict(self._totals),
@@ -502,7 +524,7 @@ class DepthEfficiencyMonitor(Callback):
         self._records = [_EventRecord.from_state(s) for s in state_dict.get("records", [])]
         self._loss_log.clear()
         self._loss_log.extend((int(s), float(v)) for s, v in state_dict.get("loss_log", []))
-        self._first_losses = [float(v) for v in state_dict.get("first_losses", [])]
+        self._first_loss = _first_loss_in(state_dict)
         self._loss_curve = [(int(s), float(v)) for s, v in state_dict.get("loss_curve", [])]
         self._depth_curve = [(int(s), int(n)) for s, n in state_dict.get("depth_curve", [])]
         self._totals.update(state_dict.get("totals", {}))
@@ -565,8 +587,8 @@ class DepthEfficiencyMonitor(Callback):
                     record.feed(step, value, self._loss_log, self)
             self._loss_log.append((step, value))
             self._interval_losses.append(value)
-            if len(self._first_losses) < self.loss_window:
-                self._first_losses.append(value)
+            if self._first_loss is None:
+                self._first_loss = value
 
     def _scan_events(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         changed = False
@@ -599,7 +621,7 @@ class DepthEfficiencyMonitor(Callback):
         flops = None
         if seq_len:
             try:
-                flops = flops_per_token(find_hf_model(pl_module).config, seq_len, causal=self.causal_flops,
+                flops = flops_per_token(find_hf_model(pl_module, self.layers_path).config, seq_len, causal=self.causal_flops,
                                         num_layers=num_layers)
             except (AttributeError, ValueError) as err:  # a custom model without an HF config
                 self._warn_once("flops", f"DepthEfficiencyMonitor: FLOPs/token left out: {err}")
@@ -634,7 +656,7 @@ class DepthEfficiencyMonitor(Callback):
         tokens = self._take_tokens(trainer, device)
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # so that the interval ends where the GPU work ends
-        now = time.perf_counter()
+        now = self.clock()
         elapsed = (now - self._interval_start - self._excluded) if self._interval_start is not None else 0.0
         steps = self._interval_steps
         interval_losses = self._interval_losses
@@ -653,9 +675,7 @@ class DepthEfficiencyMonitor(Callback):
         if steps > 0 and elapsed > 0:
             metrics[f"{p}/tokens_per_sec"] = tokens / elapsed
             metrics[f"{p}/step_time_sec"] = elapsed / steps
-            self._totals["tokens"] += tokens
-            self._totals["time"] += elapsed
-            self._totals["steps"] += steps
+        self._add_to_totals(tokens, elapsed, steps)
         peak = _peak_memory_bytes(device)
         if peak is not None:
             metrics[f"{p}/peak_memory_bytes"] = float(peak)
@@ -678,6 +698,15 @@ class DepthEfficiencyMonitor(Callback):
         self._depth_curve.append((step, model["num_layers"]))
         if interval_losses:
             self._loss_curve.append((step, sum(interval_losses) / len(interval_losses)))
+
+    def _add_to_totals(self, tokens: int, seconds: float, steps: int) -> None:
+        """Count one logged interval in the run totals (``tokens_seen``, ``train_time_sec`` and the means).
+
+        Tokens and steps count even when the clock did not move, so that ``tokens_seen`` is every token trained on.
+        """
+        self._totals["tokens"] += tokens
+        self._totals["time"] += max(seconds, 0.0)
+        self._totals["steps"] += steps
 
     def _event_metrics(self) -> dict[str, float]:
         """Values of events that became known since the last log (one event per key per log)."""
@@ -725,8 +754,8 @@ class DepthEfficiencyMonitor(Callback):
         def pair(key: str) -> dict[str, Any]:
             return {"before": base.get(key), "after": now(key)}
 
-        loss_before = _mean(self._first_losses)
-        loss_after = _mean([v for _, v in list(self._loss_log)[-self.loss_window :]])
+        loss_before = self._first_loss
+        loss_after = self._loss_log[-1][1] if self._loss_log else None
         time_total, tokens_total = self._totals["time"], self._totals["tokens"]
         return {
             "step": trainer.global_step,

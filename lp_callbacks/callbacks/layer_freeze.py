@@ -113,6 +113,19 @@ def _check_schedule(trainer: pl.Trainer, warmup_steps: int) -> None:
         )
 
 
+def _refuse_pruning(trainer: pl.Trainer) -> None:
+    """Freezing keeps block positions in the numbering of its decision; a removal would shift them under it."""
+    from lp_callbacks.callbacks.layer_prune import LayerPruneCallback
+
+    if any(isinstance(c, LayerPruneCallback) for c in trainer.callbacks):  # type: ignore[attr-defined]
+        raise ValueError(
+            "LayerFreezeCallback and LayerPruneCallback in one Trainer are not supported yet: after a removal the"
+            " frozen set (and re-evaluation) would point at other blocks, removed parameters could return to the"
+            " optimizer, and the checkpoint would not resume. Freeze in one fit and prune in another, or use one of"
+            " the two callbacks."
+        )
+
+
 # ==================================================================================================== model helpers
 def _params(modules: Iterable[nn.Module]) -> list[nn.Parameter]:
     seen: dict[int, nn.Parameter] = {}
@@ -372,6 +385,7 @@ class LayerFreezeCallback(Callback):
         if stage != "fit":
             return
         check_strategy_supported(trainer, "LayerFreezeCallback")
+        _refuse_pruning(trainer)
         _check_schedule(trainer, self.warmup_steps)
         needs_monitor = bool(self.warmup_steps or self.reevaluate_every_n_steps)
         self._monitor = find_or_add_monitor(trainer, "LayerFreezeCallback", self.layers_path) if needs_monitor else find_monitor(trainer)
@@ -429,7 +443,7 @@ class LayerFreezeCallback(Callback):
     # ================================================================ internals: binding
     def _bind(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Find blocks, protected modules and optimizer layout; validate everything that needs the model."""
-        hf = find_hf_model(pl_module)
+        hf = find_hf_model(pl_module, self.layers_path)
         layers = get_decoder_layers(pl_module, self.layers_path)
         num_layers = len(layers)
         self._count = _count_frozen(self.mode, self.amount, num_layers)
@@ -474,7 +488,7 @@ class LayerFreezeCallback(Callback):
 
     # ================================================================ internals: deciding
     def _calibrate(self, pl_module: pl.LightningModule) -> Tensor:
-        model = find_hf_model(pl_module)
+        model = find_hf_model(pl_module, self.layers_path)
         assert self.calibration_dataloader is not None
         batches, limit = self.calibration_dataloader, self.calibration_batches
         return measure_depth(model, batches, limit, layers_path=self.layers_path).block_influence
@@ -554,7 +568,7 @@ class LayerFreezeCallback(Callback):
 
     def _enable_input_grads(self, pl_module: pl.LightningModule) -> None:
         """Reentrant gradient checkpointing needs an input that requires grad: HF's hook gives it one."""
-        hf = find_hf_model(pl_module)
+        hf = find_hf_model(pl_module, self.layers_path)
         if self._input_grads_enabled or not self.protect["embeddings"] or not _uses_checkpointing(hf):
             return  # nothing to do, or already done
         if getattr(hf, "_require_grads_hook", None) is not None:

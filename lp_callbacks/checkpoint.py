@@ -1,0 +1,152 @@
+"""Pruned Lightning checkpoints: the removals they record, and that architecture rebuilt on a full-depth model.
+
+A checkpoint of a run with :class:`~lp_callbacks.LayerPruneCallback` holds the weights of the *pruned* model, so a
+freshly built (full-depth) module cannot load it strictly. Every removal is recorded in the callback's state, in
+original block numbering; :func:`restore_pruned_architecture` removes the same blocks from a fresh model, after which
+the checkpoint's ``state_dict`` fits exactly. The callback does it by itself in every stage (``fit`` resume,
+``validate``, ``test``, ``predict`` with ``ckpt_path``); for ``LightningModule.load_from_checkpoint`` (no Trainer)
+call it from the module's ``on_load_checkpoint`` hook, which Lightning runs before the weights load:
+
+Example:
+    >>> class MyModule(pl.LightningModule):  # doctest: +SKIP
+    ...     def on_load_checkpoint(self, checkpoint):
+    ...         restore_pruned_architecture(self, checkpoint)
+    >>> module = MyModule.load_from_checkpoint("last.ckpt")  # doctest: +SKIP
+    >>> load_pruned_checkpoint(MyModule(), "last.ckpt")  # or load into a module you built  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lp_callbacks.surgery import drop_layers, original_layer_indices
+
+__all__ = [
+    "load_checkpoint",
+    "load_pruned_checkpoint",
+    "prune_states",
+    "register_rebuild_hook",
+    "removal_records",
+    "restore_pruned_architecture",
+]
+
+#: State keys of LayerPruneCallback in a checkpoint's ``callbacks`` start with the class name.
+PRUNE_STATE_PREFIX = "LayerPruneCallback"
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The checkpoint file at ``path``, memory-mapped (weights stay on disk); ``None`` for a sharded checkpoint folder."""
+    path = Path(path)
+    if path.is_dir():  # a distributed checkpoint: its callback states are not readable without the strategy
+        return None
+    if not path.is_file():
+        raise FileNotFoundError(f"`ckpt_path` {str(path)!r} does not exist.")
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+
+
+def prune_states(checkpoint: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """``state_key -> state`` of every LayerPruneCallback saved in ``checkpoint``."""
+    return {key: state for key, state in checkpoint.get("callbacks", {}).items() if key.startswith(PRUNE_STATE_PREFIX)}
+
+
+def removal_records(checkpoint: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Every removal the checkpoint records (all LayerPruneCallbacks of the run), oldest first."""
+    records = [record for state in prune_states(checkpoint).values() for record in state.get("removed", [])]
+    return sorted(records, key=lambda r: r["step"])
+
+
+def _original_num_layers(checkpoint: Mapping[str, Any]) -> int | None:
+    counts = {state.get("original_num_layers") for state in prune_states(checkpoint).values()} - {None}
+    return counts.pop() if len(counts) == 1 else None
+
+
+def restore_pruned_architecture(
+    module: nn.Module, checkpoint: Mapping[str, Any] | str | os.PathLike, layers_path: str | None = None
+) -> list[int]:
+    """Remove from ``module`` the blocks that ``checkpoint`` records as removed, so that its weights load strictly.
+
+    Idempotent: removals already applied (by another call, or another callback) are skipped. A checkpoint without
+    LayerPruneCallback state leaves the module unchanged.
+
+    Args:
+        module: the LightningModule (or HF model) built at full depth, as at the start of the pruned run.
+        checkpoint: the loaded checkpoint dict (as ``on_load_checkpoint`` receives it) or its path.
+        layers_path: dotted path of the block list when the module holds several models (see ``find_hf_model``).
+
+    Returns:
+        The original indices of the blocks the module now holds.
+
+    Raises:
+        ValueError: the module lacks blocks that the checkpoint still holds (it was pruned after the checkpoint was
+            written: load it into a freshly built module), or a record cannot be replayed on these blocks.
+    """
+    if not isinstance(checkpoint, Mapping):
+        checkpoint = load_checkpoint(checkpoint) or {}
+    records = removal_records(checkpoint)
+    for record in records:
+        present = original_layer_indices(module, layers_path)
+        wanted = record["original_layers"]
+        if not set(wanted) & set(present):
+            continue
+        if not set(wanted) <= set(present):
+            raise ValueError(
+                f"cannot rebuild the pruned model: the checkpoint removed original blocks {wanted} at step"
+                f" {record['step']}, but the model holds original blocks {present}."
+            )
+        drop_layers(module, [present.index(o) for o in wanted], layers_path)
+    present = original_layer_indices(module, layers_path)
+    total = _original_num_layers(checkpoint)
+    if total is not None:
+        removed = {o for record in records for o in record["original_layers"]}
+        expected = [i for i in range(total) if i not in removed]
+        if present != expected:
+            raise ValueError(
+                f"the checkpoint holds the weights of original blocks {expected} (of {total}), but the model holds"
+                f" blocks {present}: it was pruned after that checkpoint was written (or is another model). Load the"
+                " checkpoint into a freshly built, full-depth module, e.g."
+                " `lp_callbacks.load_pruned_checkpoint(MyModule(...), ckpt_path)`."
+            )
+    return present
+
+
+def register_rebuild_hook(trainer: Any, pl_module: nn.Module, layers_path: str | None = None) -> Any:
+    """Rebuild the pruned architecture of the checkpoint Lightning is about to load into ``pl_module``, just in time.
+
+    Lightning loads ``trainer.ckpt_path``'s weights strictly after ``setup`` and ``configure_model``: a
+    ``load_state_dict`` pre-hook runs :func:`restore_pruned_architecture` first, once. Returns the hook handle.
+    """
+    handle: Any = None
+
+    def hook(module: nn.Module, *args: Any, **kwargs: Any) -> None:
+        nonlocal handle
+        if handle is None:  # once (removing the handle here would mutate the hooks being iterated)
+            return
+        handle = None
+        checkpoint = load_checkpoint(trainer.ckpt_path) if trainer.ckpt_path else None
+        if checkpoint is not None:
+            restore_pruned_architecture(module, checkpoint, layers_path)
+
+    handle = pl_module.register_load_state_dict_pre_hook(hook)
+    return handle
+
+
+def load_pruned_checkpoint(
+    module: nn.Module, ckpt_path: str | os.PathLike, layers_path: str | None = None, strict: bool = True
+) -> nn.Module:
+    """Load a (possibly pruned) Lightning checkpoint into a freshly built, full-depth ``module``; returns it.
+
+    Example:
+        >>> module = load_pruned_checkpoint(MyModule(), "lightning_logs/version_0/checkpoints/last.ckpt")  # doctest: +SKIP
+    """
+    checkpoint = load_checkpoint(ckpt_path)
+    if checkpoint is None:
+        raise ValueError(f"`ckpt_path` {str(ckpt_path)!r} is a sharded checkpoint folder; load it with its strategy.")
+    restore_pruned_architecture(module, checkpoint, layers_path)
+    module.load_state_dict(checkpoint["state_dict"], strict=strict)
+    return module
