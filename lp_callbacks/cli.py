@@ -90,6 +90,9 @@ def _load_tokenizer(name: str) -> PreTrainedTokenizerBase:
         return byte_tokenizer()
     from transformers import AutoTokenizer
 
+    from lp_callbacks.models import check_local_path
+
+    check_local_path(name, "Tokenizer directory")
     return AutoTokenizer.from_pretrained(name)
 
 
@@ -98,7 +101,8 @@ def build_model(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
 
     Raises:
         ConfigError: when not exactly one source is given, a key does not fit the source, the model cannot be
-            loaded, or the tokenizer has more tokens than the model's vocabulary.
+            loaded (a missing directory or file is named in one line), or the tokenizer has more tokens than the
+            model's vocabulary.
     """
     m = cfg.model
     given = [key for key, on in (("smollm2", m.smollm2), ("name_or_path", m.name_or_path is not None),
@@ -122,8 +126,13 @@ def build_model(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
         elif m.name_or_path is not None:
             from lp_callbacks.models import load_causal_lm
 
-            model, tokenizer = load_causal_lm(m.name_or_path, gguf_file=m.gguf_file, cache_dir=m.cache_dir,
-                                              dtype=dtype)
+            try:
+                model, tokenizer = load_causal_lm(m.name_or_path, gguf_file=m.gguf_file, cache_dir=m.cache_dir,
+                                                  dtype=dtype)
+            except FileNotFoundError as err:  # a missing directory or .gguf file, or a Hub name not found
+                gguf = m.gguf_file is not None and str(err).startswith("GGUF")
+                key = "model.gguf_file" if gguf else "model.name_or_path"
+                raise ConfigError(f"{key}: {err}") from err
         else:
             model, tokenizer = _random_model(to_kwargs(m.config), dtype), None
         if m.attn_implementation is not None:

@@ -376,21 +376,166 @@ class RunConfig:
 # ================================================================================================ loading
 
 
-def _describe(err: OmegaConfBaseException) -> str:
-    """omegaconf's message, first line, with the full key named first."""
-    message = str(err).splitlines()[0].strip()
+def _describe(err: OmegaConfBaseException, given: DictConfig | None = None, command_line: bool = False) -> str:
+    """omegaconf's message, first line, with the full key named first.
+
+    A value of the wrong type in ``given`` (the file or override being merged) is described in plain words instead:
+    the key, the type the schema expects and the value given.
+    """
     key = getattr(err, "full_key", None)
+    if key and given is not None:
+        plain = _type_message(str(key), given, command_line)
+        if plain is not None:
+            return plain
+    message = str(err).splitlines()[0].strip()
     if key:
         message = re.sub(r"^Key '([^']+)' not in '\w+'\.?", f"unknown key `{key}`.", message)
         return f"`{key}`: {message}" if not message.startswith("unknown key") else message
     return message
 
 
-def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
+# ------------------------------------------------------------------- type errors in plain words
+
+
+_KIND_NAMES = {int: ("an int", "ints"), float: ("a number", "numbers"), bool: ("true or false", "booleans"),
+               str: ("a string", "strings")}
+
+
+def _schema_type(key: str) -> Any:
+    """The schema type of the dotted ``key`` (list indices ``[i]`` dropped), or ``None`` when it has none."""
+    kind: Any = RunConfig
+    for part in re.sub(r"\[\d+\]", "", key).split("."):
+        schema = _unwrap_dataclass(kind)
+        if schema is None:
+            return None
+        kind = dict(((f.name, t) for f, t in _fields(schema))).get(part)
+        if kind is None:
+            return None
+    return kind
+
+
+def _split_optional(kind: Any) -> tuple[Any, bool]:
+    """``(kind without None, whether None is allowed)``."""
+    if typing.get_origin(kind) in (Union, types.UnionType) and type(None) in typing.get_args(kind):
+        rest = tuple(a for a in typing.get_args(kind) if a is not type(None))
+        return (rest[0] if len(rest) == 1 else Union[rest]), True
+    return kind, False
+
+
+def _shape(kind: Any) -> str | None:
+    """``list``, ``mapping`` or ``scalar``: what YAML must give for ``kind`` (``None``: anything)."""
+    kind, _ = _split_optional(kind)
+    origin = typing.get_origin(kind)
+    if kind is Any:
+        return None
+    if origin is list or kind is list:
+        return "list"
+    if origin is dict or kind is dict or _unwrap_dataclass(kind) is not None:
+        return "mapping"
+    return "scalar"
+
+
+def _expected(kind: Any) -> str:
+    """``kind`` in words: ``a list of ints``, ``an int or null``, ``a mapping``..."""
+    kind, optional = _split_optional(kind)
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is list:
+        item = args[0] if args else Any
+        text = f"a list of {_KIND_NAMES[item][1]}" if item in _KIND_NAMES else "a list"
+    elif origin is dict:
+        text = "a mapping"
+    elif _unwrap_dataclass(kind) is not None:
+        text = "a mapping of its keys (a section)"
+    elif origin in (Union, types.UnionType):
+        text = " or ".join(_KIND_NAMES[a][0] if a in _KIND_NAMES else _type_name(a) for a in args)
+    else:
+        text = _KIND_NAMES[kind][0] if kind in _KIND_NAMES else _type_name(kind)
+    return f"{text} or null" if optional else text
+
+
+def _fits(value: Any, kind: Any) -> bool:
+    """Whether the plain ``value`` is of ``kind`` (ints count as numbers, bools as nothing but bools)."""
+    kind, optional = _split_optional(kind)
+    if value is None:
+        return optional
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if kind is Any:
+        return True
+    if origin is list:
+        return isinstance(value, list) and all(_fits(v, args[0] if args else Any) for v in value)
+    if origin is dict or _unwrap_dataclass(kind) is not None:
+        return isinstance(value, dict)
+    if origin in (Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind) if isinstance(kind, type) else True
+
+
+def _type_message(key: str, given: DictConfig, command_line: bool) -> str | None:
+    """``"`key` must be <type>, e.g. key=[3]; got 3."`` when the value at ``key`` in ``given`` does not fit the
+    schema, else ``None``."""
+    key = re.sub(r"\[\d+\]$", "", key)
+    kind = _schema_type(key)
+    if kind is None:
+        return None
     try:
+        node = OmegaConf.select(given, key, throw_on_missing=False)
+    except OmegaConfBaseException:
+        return None
+    value = OmegaConf.to_container(node, resolve=False) if isinstance(node, (DictConfig, ListConfig)) else node
+    if _fits(value, kind) or (isinstance(value, str) and "${" in value):
+        return None
+    message = f"`{key}` must be {_expected(kind)}"
+    bare, _ = _split_optional(kind)
+    if typing.get_origin(bare) is list and not isinstance(value, (list, dict)) and _fits([value], bare):
+        example = f"[{str(value).lower() if isinstance(value, bool) else value}]"  # as YAML: 3 -> [3]
+        name = key if command_line else key.rsplit(".", 1)[-1]
+        message += f", e.g. `{name}={example}`" if command_line else f", e.g. `{name}: {example}`"
+    elif _unwrap_dataclass(bare) is not None:
+        message += f" (`{key}={{}}` for the defaults)" if command_line else " (`{}` for the defaults)"
+    return f"{message}; got {value!r}."
+
+
+def _check_shapes(given: DictConfig, command_line: bool) -> None:
+    """A list where the schema wants a mapping or a scalar, or the reverse: omegaconf says it in its own words
+    (or raises a bare ``TypeError``), so say it first, naming the key.
+
+    Raises:
+        ConfigError: for the first key whose value has the wrong shape.
+    """
+    plain = OmegaConf.to_container(given, resolve=False)
+
+    def walk(value: Any, prefix: str) -> None:
+        if not isinstance(value, dict):
+            return
+        for name, item in value.items():
+            key = f"{prefix}{name}"
+            kind = _schema_type(key)
+            shape = None if kind is None else _shape(kind)
+            if shape is None or item is None or (isinstance(item, str) and "${" in item):
+                continue
+            found = "list" if isinstance(item, list) else "mapping" if isinstance(item, dict) else "scalar"
+            if found != shape:
+                message = _type_message(key, given, command_line)
+                if message is not None:
+                    raise ConfigError(message)
+            elif shape == "mapping":
+                walk(item, f"{key}.")
+
+    walk(plain, "")
+
+
+def _merge(base: DictConfig, other: Any, source: str, command_line: bool = False) -> DictConfig:
+    try:
+        _check_shapes(other, command_line)
         return typing.cast(DictConfig, OmegaConf.merge(base, other))
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
     except OmegaConfBaseException as err:
-        raise ConfigError(f"{source}: {_describe(err)}") from None
+        raise ConfigError(f"{source}: {_describe(err, other, command_line)}") from None
 
 
 def _read_yaml(path: str | os.PathLike) -> DictConfig:
@@ -447,6 +592,8 @@ def _check_choices(cfg: DictConfig, source: str) -> None:
         _walk_choices(cfg, RunConfig, "")
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
+    except OmegaConfBaseException as err:  # e.g. an interpolation `${...}` whose value has the wrong type
+        raise ConfigError(f"{source}: {_describe(err)}") from None
 
 
 def _unwrap_dataclass(kind: Any) -> type | None:
@@ -480,7 +627,7 @@ def load_config(paths: Sequence[str | os.PathLike] = (), overrides: Sequence[str
         _check_choices(cfg, str(path))
     for text in overrides:
         text = text.removeprefix("--")
-        cfg = _merge(cfg, _parse_override(text), f"command line `{text}`")
+        cfg = _merge(cfg, _parse_override(text), f"command line `{text}`", command_line=True)
         _check_choices(cfg, f"command line `{text}`")
     try:
         OmegaConf.resolve(cfg)  # ${...} interpolations: fail now, not mid-run

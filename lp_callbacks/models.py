@@ -31,7 +31,9 @@ if TYPE_CHECKING:
 __all__ = [
     "CACHE_ENV_VAR",
     "SMOLLM2_GGUF_FILE",
+    "check_local_path",
     "default_cache_root",
+    "is_local_path",
     "load_causal_lm",
     "load_smollm2",
     "smollm2_gguf_path",
@@ -124,7 +126,8 @@ def load_causal_lm(
         ``(model, tokenizer)``; the tokenizer has a pad token (its EOS, or UNK, when it had none).
 
     Raises:
-        FileNotFoundError: when ``gguf_file`` or a ``.gguf`` path does not exist.
+        FileNotFoundError: when ``gguf_file``, a ``.gguf`` path or a local directory does not exist (a name that
+            starts with ``.``, ``/`` or ``~``, or that cannot be a Hub name), or a Hub name cannot be loaded.
         ValueError: when ``cache_dir`` is a non-empty directory that is not an lp_callbacks cache, or ``dtype`` is
             not a floating dtype.
 
@@ -213,13 +216,77 @@ def _cache_matches(cache: Path, source: dict[str, Any]) -> bool:
     return True
 
 
+def is_local_path(name_or_path: str | os.PathLike) -> bool:
+    """Whether ``name_or_path`` can only mean a local path, not a Hub model name.
+
+    It does when it is a ``PathLike``, starts with ``.``, ``/`` or ``~``, holds a separator other than ``/``, or is
+    not a valid Hub name (``name`` or ``namespace/name``; ``a/b/c`` or a name with a space is not). A
+    ``namespace/name`` that does not exist locally is taken for a Hub name.
+
+    Args:
+        name_or_path: what the user gave as the model's (or tokenizer's) source.
+
+    Returns:
+        ``True`` when only a local path can be meant.
+
+    Example:
+        >>> is_local_path("./models/smollm2"), is_local_path("HuggingFaceTB/SmolLM2-135M")
+        (True, False)
+    """
+    if not isinstance(name_or_path, str):
+        return True
+    if name_or_path.startswith((".", "/", "~")) or any(
+        sep in name_or_path for sep in (os.sep, os.altsep) if sep not in (None, "/")
+    ):
+        return True
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError:
+        return True
+    return False
+
+
+def check_local_path(name_or_path: str | os.PathLike, what: str = "Model directory") -> None:
+    """Raise a one-line :class:`FileNotFoundError` when ``name_or_path`` is a local path that does not exist.
+
+    Hub names pass unchecked (they are looked up, or downloaded, by ``from_pretrained``).
+
+    Args:
+        name_or_path: a local directory or file, or a Hub model name.
+        what: what it names, first in the message.
+
+    Raises:
+        FileNotFoundError: ``"<what> not found: <name_or_path> (<absolute path>)"``.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.exists() or not is_local_path(name_or_path):
+        return
+    resolved = path.resolve()
+    shown = f"{name_or_path}" + (f" ({resolved})" if str(resolved) != str(name_or_path) else "")
+    raise FileNotFoundError(f"{what} not found: {shown}; a Hub model name has the form 'name' or 'namespace/name'.")
+
+
 def _load_from_source(name_or_path: str, gguf_file: str | None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load with ``from_pretrained``; a missing local directory, or a Hub name that cannot be fetched, is a
+    one-line :class:`FileNotFoundError`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_local_path(name_or_path)
     kwargs = {"gguf_file": gguf_file} if gguf_file is not None else {}
-    # fp32: a GGUF is dequantised to fp32 anyway, and the cache must not lose precision for later fp32 runs.
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    try:
+        # fp32: a GGUF is dequantised to fp32 anyway, and the cache must not lose precision for later fp32 runs.
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    except OSError as err:
+        if Path(name_or_path).exists():
+            raise  # a local copy that cannot be read: the full error says why
+        message = " ".join(str(err).split())
+        raise FileNotFoundError(
+            f"Model not found: {name_or_path} is not a local directory, and loading it from the Hub failed: {message}"
+        ) from err
     _strip_quantizer(model)
     return model, tokenizer
 

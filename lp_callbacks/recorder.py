@@ -59,6 +59,12 @@ class BlockInfluenceRecorder:
 
     Each forward of the blocks' owner counts once per block: the recomputation of gradient checkpointing during
     backward is recognised (same forward, block already seen) and ignored.
+
+    Padding is excluded through the 2-D ``attention_mask`` the blocks' owner receives. Positions are whatever the
+    hooked forward computes: with learned absolute positions (GPT-2), a left-padded batch without
+    ``position_ids`` shifts every real token's position, so its BI differs from the unpadded one (the model's
+    outputs differ too). RoPE and ALiBi models are unaffected. :func:`~lp_callbacks.measure.measure_depth`
+    derives ``position_ids`` from the mask itself.
     """
 
     def __init__(

@@ -87,6 +87,35 @@ def test_bad_override_names_the_key(override, expected, capsys):
     assert __import__("re").search(expected, err), err
 
 
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("callbacks.prune.at_steps=3",
+         "`callbacks.prune.at_steps` must be a list of ints or null, e.g. `callbacks.prune.at_steps=[3]`; got 3."),
+        ("callbacks.prune={num_layers: 2, at_steps: 3}",
+         "`callbacks.prune.at_steps` must be a list of ints or null, e.g. `callbacks.prune.at_steps=[3]`; got 3."),
+        ("callbacks.prune.at_steps=[2, x]", "`callbacks.prune.at_steps` must be a list of ints or null; got [2, 'x']."),
+        ("measure.block_sizes={a: 1}", "`measure.block_sizes` must be a list of ints; got {'a': 1}."),
+        ("callbacks.prune=3", "`callbacks.prune` must be a mapping of its keys (a section) or null"
+                              " (`callbacks.prune={}` for the defaults); got 3."),
+        ("trainer.max_steps=1.5", "`trainer.max_steps` must be an int; got 1.5."),
+    ],
+    ids=["scalar-for-list", "inside-a-mapping", "bad-item", "mapping-for-list", "scalar-for-section", "float-for-int"],
+)
+def test_wrong_type_says_key_type_and_value_before_training(tmp_path, override, expected, capsys):
+    code, out, err = run(["fit", *tiny_args(tmp_path), override], capsys)
+    assert code == 2 and out == "" and not (tmp_path / "run").exists()
+    assert err.strip() == f"lp-callbacks fit: error: command line `{override}`: {expected}"  # one line, no jargon
+
+
+def test_wrong_type_in_yaml_gives_a_yaml_example(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("callbacks:\n  prune:\n    num_layers: 2\n    at_steps: 3\n")
+    code, _, err = run(["fit", "-c", TINY, "-c", str(path), "--print-config"], capsys)
+    assert code == 2
+    assert f"{path}: `callbacks.prune.at_steps` must be a list of ints or null, e.g. `at_steps: [3]`; got 3." in err
+
+
 def test_misspelt_key_in_yaml_names_file_and_key(tmp_path, capsys):
     path = tmp_path / "bad.yaml"
     path.write_text("trainer:\n  max_epoch: 3\n")
@@ -167,6 +196,25 @@ def test_missing_data_file_is_a_clear_error(tmp_path, capsys):
     missing = tmp_path / "nope.txt"
     code, _, err = run(["measure", *tiny_args(tmp_path), f"data.data_files={missing}"], capsys)
     assert code == 2 and f"data.data_files: Data file not found: {missing}" in err
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "shown"),
+    [
+        (["model.config=null", "model.name_or_path=./no/such/model"], "model.name_or_path", "./no/such/model"),
+        (["model.config=null", "model.name_or_path={missing}"], "model.name_or_path", "{missing}"),
+        (["model.tokenizer=./no/such/tokenizer"], "model.tokenizer", "./no/such/tokenizer"),
+    ],
+    ids=["relative-model-dir", "absolute-model-dir", "tokenizer-dir"],
+)
+def test_missing_model_directory_is_one_line(tmp_path, overrides, key, shown, capsys):
+    missing = str(tmp_path / "nope")
+    overrides = [o.format(missing=missing) for o in overrides]
+    code, _, err = run(["fit", *tiny_args(tmp_path), *overrides], capsys)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert f"{key}: " in lines[0] and "directory not found: " + shown.format(missing=missing) in lines[0]
 
 
 def test_byte_tokenizer_round_trips():

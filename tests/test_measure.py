@@ -48,15 +48,26 @@ def test_multiple_batches_and_max_batches():
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_padded_batch_equals_unpadded(side):
-    model = tiny_model("llama")  # RoPE is relative: real tokens see the same thing with or without pads
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # RoPE (relative positions) and learned absolute positions
+def test_padded_batch_equals_unpadded(family, side):
+    model = tiny_model(family)
     short, long = torch.randint(1, 128, (1, 5)), torch.randint(1, 128, (1, 9))
     unpadded = block_influence(model, [{"input_ids": short}, {"input_ids": long}])
     pads = torch.zeros(1, 4, dtype=torch.long)
     ids = torch.cat([short, pads], 1) if side == "right" else torch.cat([pads, short], 1)
     mask = (ids != 0).long()
     padded = {"input_ids": torch.cat([ids, long]), "attention_mask": torch.cat([mask, torch.ones_like(long)])}
-    torch.testing.assert_close(block_influence(model, [padded]), unpadded, atol=1e-5, rtol=0)
+    torch.testing.assert_close(block_influence(model, [padded]), unpadded, atol=1e-6, rtol=0)
+
+
+def test_batch_position_ids_are_used_as_given():
+    model = tiny_model("gpt2")
+    batch = random_batch(2, 8)
+    derived = block_influence(model, [batch])
+    same = {**batch, "position_ids": torch.arange(8).expand(2, 8)}
+    torch.testing.assert_close(block_influence(model, [same]), derived, atol=1e-7, rtol=0)
+    shifted = {**batch, "position_ids": torch.arange(8).expand(2, 8) + 50}
+    assert (block_influence(model, [shifted]) - derived).abs().max() > 1e-4
 
 
 def test_angular_distances_and_token_budget():

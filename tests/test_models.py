@@ -100,6 +100,41 @@ def test_missing_gguf_names_the_path(tmp_path):
         load_causal_lm(tmp_path / "direct.gguf")
 
 
+@pytest.mark.parametrize("relative", [False, True], ids=["absolute", "relative"])
+def test_missing_model_directory_names_the_path(tmp_path, monkeypatch, relative):
+    monkeypatch.chdir(tmp_path)
+    missing = "./no/such/model" if relative else str(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match=r"^Model directory not found: ") as exc:
+        load_causal_lm(missing)
+    message = str(exc.value)
+    assert missing in message and str(Path(missing).resolve()) in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("name", "local"),
+    [("./models/x", True), ("/abs/x", True), ("~/x", True), ("a/b/c", True), ("my model", True),
+     ("gpt2", False), ("HuggingFaceTB/SmolLM2-135M-Instruct", False)],
+)
+def test_is_local_path(name, local):
+    assert models_mod.is_local_path(name) is local
+
+
+def test_hub_name_still_goes_to_from_pretrained(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.chdir(tmp_path)  # no local "org/model" directory
+    asked = []
+
+    def offline(name, *args, **kwargs):
+        asked.append(name)
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your connection.")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", offline)
+    with pytest.raises(FileNotFoundError, match=r"^Model not found: org/model is not a local directory, .*connect"):
+        load_causal_lm("org/model")
+    assert asked == ["org/model"]
+
+
 def test_bad_dtype(source_dir):
     with pytest.raises(ValueError, match=r"`dtype` must be a floating torch.dtype .*got 'int8'"):
         load_causal_lm(source_dir, dtype="int8")
