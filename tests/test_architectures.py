@@ -97,3 +97,26 @@ def test_more_families_measure_prune_generate_reload(family, tmp_path):
         reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
         torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits, atol=1e-5, rtol=0)
     assert reloaded.config.num_hidden_layers == LAYERS - 2
+
+
+def test_several_models_need_layers_path_and_a_frozen_only_model_is_named():  # RELIABILITY 23
+    import warnings
+
+    class TwoModels(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.teacher = tiny_model().requires_grad_(False)
+            self.student = tiny_model(num_layers=4)
+
+    module = TwoModels()
+    with pytest.raises(ValueError, match=r"holds 2 Hugging Face models: `teacher` .*all parameters frozen.*`student`.*layers_path='student.model.layers'"):
+        get_decoder_layers(module)
+    assert find_hf_model(module, "student.model.layers") is module.student  # the causal LM, not its inner base model
+    assert get_decoder_layers(module, "student.model.layers") is module.student.model.layers
+    assert get_decoder_layers(module.student, "model.layers") is module.student.model.layers  # the usual relative path
+    del module.student
+    with pytest.warns(UserWarning, match=r"acts on `teacher` .* all its parameters are frozen"):
+        find_hf_model(module)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        find_hf_model(module.teacher)  # a bare model passed on purpose (offline measurement): no warning

@@ -349,3 +349,15 @@ def test_bad_input_fails_before_the_first_step(tmp_path, kwargs, module_cls, mat
         trainer.fit(module, loader())
     assert trainer.global_step == 0
     assert all(torch.equal(p, before[n]) for n, p in module.named_parameters())
+
+
+@pytest.mark.parametrize("reevaluate", [None, 2], ids=["fixed-set", "reevaluation"])
+def test_freeze_and_prune_in_one_trainer_refused_at_setup(tmp_path, reevaluate):  # RELIABILITY 30 (until supported)
+    from lp_callbacks import LayerPruneCallback
+
+    module = TinyLM()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    freeze = LayerFreezeCallback(num_frozen=2, warmup_steps=1, reevaluate_every_n_steps=reevaluate)
+    with pytest.raises(ValueError, match="LayerFreezeCallback and LayerPruneCallback in one Trainer are not supported"):
+        fast_trainer(tmp_path, callbacks=[LayerPruneCallback(num_layers=1, at_steps=[3]), freeze], max_steps=4).fit(module, loader())
+    assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())

