@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lp_callbacks.surgery import drop_layers, original_layer_indices
+from lp_callbacks.surgery import drop_layers, original_layer_indices, removed_layer_indices, restore_layers
 
 __all__ = [
     "load_checkpoint",
@@ -71,7 +71,9 @@ def restore_pruned_architecture(
 ) -> list[int]:
     """Remove from ``module`` the blocks that ``checkpoint`` records as removed, so that its weights load strictly.
 
-    Idempotent: removals already applied (by another call, or another callback) are skipped. A checkpoint without
+    Idempotent: removals already applied (by another call, or another callback) are skipped. A checkpoint written
+    before some removal of this very model (``validate(ckpt_path="best")`` after pruning) grows it back: the blocks
+    removed in this process return (their weights come from the checkpoint). A checkpoint without
     LayerPruneCallback state leaves the module unchanged.
 
     Args:
@@ -83,36 +85,28 @@ def restore_pruned_architecture(
         The original indices of the blocks the module now holds.
 
     Raises:
-        ValueError: the module lacks blocks that the checkpoint still holds (it was pruned after the checkpoint was
-            written: load it into a freshly built module), or a record cannot be replayed on these blocks.
+        ValueError: the module lacks blocks that the checkpoint holds and that it cannot grow back (another model,
+            or one pruned in another process: load it into a freshly built module).
     """
     if not isinstance(checkpoint, Mapping):
         checkpoint = load_checkpoint(checkpoint) or {}
-    records = removal_records(checkpoint)
-    for record in records:
-        present = original_layer_indices(module, layers_path)
-        wanted = record["original_layers"]
-        if not set(wanted) & set(present):
-            continue
-        if not set(wanted) <= set(present):
-            raise ValueError(
-                f"cannot rebuild the pruned model: the checkpoint removed original blocks {wanted} at step"
-                f" {record['step']}, but the model holds original blocks {present}."
-            )
-        drop_layers(module, [present.index(o) for o in wanted], layers_path)
-    present = original_layer_indices(module, layers_path)
     total = _original_num_layers(checkpoint)
-    if total is not None:
-        removed = {o for record in records for o in record["original_layers"]}
-        expected = [i for i in range(total) if i not in removed]
-        if present != expected:
-            raise ValueError(
-                f"the checkpoint holds the weights of original blocks {expected} (of {total}), but the model holds"
-                f" blocks {present}: it was pruned after that checkpoint was written (or is another model). Load the"
-                " checkpoint into a freshly built, full-depth module, e.g."
-                " `lp_callbacks.load_pruned_checkpoint(MyModule(...), ckpt_path)`."
-            )
-    return present
+    if total is None:  # not a checkpoint of a run with LayerPruneCallback
+        return original_layer_indices(module, layers_path)
+    removed = {o for record in removal_records(checkpoint) for o in record["original_layers"]}
+    target = [i for i in range(total) if i not in removed]
+    present = original_layer_indices(module, layers_path)
+    stash = set(removed_layer_indices(module, layers_path))
+    if not set(present) <= set(range(total)) or not set(target) <= set(present) | stash:
+        raise ValueError(
+            f"the checkpoint holds the weights of original blocks {target} (of {total}), but the model holds blocks"
+            f" {present}: it is another model, or was pruned before it came here. Load the checkpoint into a"
+            " freshly built, full-depth module, e.g. `lp_callbacks.load_pruned_checkpoint(MyModule(...), ckpt_path)`."
+        )
+    restore_layers(module, target, layers_path)  # a checkpoint from before a removal of this model: grow back
+    present = original_layer_indices(module, layers_path)
+    drop_layers(module, [i for i, o in enumerate(present) if o not in target], layers_path)
+    return original_layer_indices(module, layers_path)
 
 
 def register_rebuild_hook(trainer: Any, pl_module: nn.Module, layers_path: str | None = None) -> Any:

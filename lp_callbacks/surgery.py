@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import operator
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -41,6 +42,8 @@ __all__ = [
     "drop_optimizer_params",
     "freeze_layers",
     "original_layer_indices",
+    "removed_layer_indices",
+    "restore_layers",
     "unfreeze_layers",
 ]
 
@@ -216,6 +219,11 @@ def _plan_config(config: Any, arch: Architecture, num_layers: int, kept: list[in
     return updates
 
 
+# On the block ModuleList: removed blocks (original index -> block on the meta device) and the configs as they were
+# before the first removal, so restore_layers can rebuild an earlier architecture (plain attributes, not state).
+_REMOVED_BLOCKS = "_lp_removed_blocks"
+_ORIGINAL_CONFIGS = "_lp_original_configs"
+
 # Each block remembers its position in the original model as a plain attribute (not in state_dict, not exported),
 # so every callback agrees on the original numbering whatever removed what.
 _ORIGINAL_INDEX = "_lp_original_index"
@@ -238,7 +246,8 @@ def drop_layers(model: nn.Module, indices: Sequence[int], layers_path: str | Non
     """Remove decoder blocks physically, in place, and keep the model consistent.
 
     The survivors are the same module objects (optimizer param identity is kept, see :func:`drop_optimizer_params`
-    for the dead ones); their ``layer_idx`` is renumbered; ``config.num_hidden_layers``, per-layer config lists
+    for the dead ones); the removed blocks move to the meta device (their memory is released; their structure is
+    kept so that :func:`restore_layers` can load a checkpoint from before the removal); survivors' ``layer_idx`` is renumbered; ``config.num_hidden_layers``, per-layer config lists
     (``layer_types``, ...) and layer-index lists (``mlp_only_layers``) are updated, so that forward equals running the
     kept blocks of the original model, ``generate`` works with a KV cache, and ``save_pretrained`` ->
     ``from_pretrained`` rebuilds the same model. Everything is checked before anything changes.
@@ -287,12 +296,71 @@ def drop_layers(model: nn.Module, indices: Sequence[int], layers_path: str | Non
     ]
     idx_updates = _plan_layer_idx(layers, kept)
 
-    original_layer_indices(model, layers_path)  # label the blocks before they move
+    originals = original_layer_indices(model, layers_path)  # label the blocks before they move
+    if _ORIGINAL_CONFIGS not in layers.__dict__:  # what restore_layers rebuilds configs from
+        layers.__dict__[_ORIGINAL_CONFIGS] = [(config, copy.deepcopy(config)) for config, _ in config_updates]
+    removed_blocks = layers.__dict__.setdefault(_REMOVED_BLOCKS, {})
+    for i in removed:  # kept as structure only (meta tensors, no memory), so a checkpoint from before can load
+        removed_blocks[originals[i]] = layers[i].to("meta")
     survivors = [layers[i] for i in kept]
     del layers[:]  # in place: whoever holds this ModuleList sees the new depth
     layers.extend(survivors)
     for module, new_idx in idx_updates:
         module.layer_idx = new_idx
+    for config, updates in config_updates:
+        for name, value in updates.items():
+            setattr(config, name, value)
+    return kept
+
+
+def removed_layer_indices(model: nn.Module, layers_path: str | None = None) -> list[int]:
+    """Original indices of the blocks :func:`drop_layers` removed from ``model`` in this process (restorable)."""
+    return sorted(get_decoder_layers(model, layers_path).__dict__.get(_REMOVED_BLOCKS, {}))
+
+
+def restore_layers(model: nn.Module, originals: Sequence[int], layers_path: str | None = None) -> list[int]:
+    """Put back blocks that :func:`drop_layers` removed, by original index, with *uninitialised* weights.
+
+    For loading a checkpoint written before the removal into the pruned model: call ``load_state_dict`` right
+    after (:func:`~lp_callbacks.restore_pruned_architecture` does both steps). The blocks return at their original
+    place; ``layer_idx`` and the config (``num_hidden_layers``, ``layer_types``, ...) follow the new positions.
+
+    Returns:
+        The original indices of the blocks the model holds afterwards.
+
+    Raises:
+        ValueError: a block was not removed by :func:`drop_layers` from this model in this process.
+    """
+    layers = get_decoder_layers(model, layers_path)
+    stash = layers.__dict__.get(_REMOVED_BLOCKS, {})
+    present = original_layer_indices(model, layers_path)
+    wanted = sorted(set(originals) - set(present))
+    unknown = [o for o in wanted if o not in stash]
+    if unknown:
+        raise ValueError(
+            f"cannot restore original blocks {unknown}: they were not removed from this model by drop_layers in this"
+            f" process (it holds {present}; removed blocks known: {sorted(stash)})."
+        )
+    if not wanted:
+        return present
+    root, _ = resolve_layers_path(model, layers_path)
+    arch = _find_architecture(root)
+    reference = next(layers[0].parameters())
+    blocks = dict(zip(present, layers))
+    blocks.update({o: stash[o].to_empty(device=reference.device) for o in wanted})
+    kept = sorted(blocks)
+    config_updates = [] if arch is None else [
+        (config, _plan_config(snapshot, arch, snapshot.num_hidden_layers, kept))
+        for config, snapshot in layers.__dict__[_ORIGINAL_CONFIGS]
+    ]
+    for o in wanted:
+        del stash[o]
+    del layers[:]
+    layers.extend(blocks[o] for o in kept)
+    for new_idx, block in enumerate(layers):
+        for module in block.modules():
+            if isinstance(module.__dict__.get("layer_idx"), int):
+                module.layer_idx = new_idx
     for config, updates in config_updates:
         for name, value in updates.items():
             setattr(config, name, value)

@@ -62,17 +62,28 @@ def test_causal_lm_module_load_from_checkpoint_and_plain_validate(tmp_path):
     same_weights(fresh, trained)
 
 
-def test_best_checkpoint_from_before_a_removal_is_refused_clearly(tmp_path):
+def test_best_checkpoint_from_before_a_removal_grows_the_model_back(tmp_path):
     module = TinyLM()
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1)
     trainer = fast_trainer(tmp_path, callbacks=[LayerPruneCallback(num_layers=2, at_steps=[2]), checkpoint], max_steps=3,
                            enable_checkpointing=True)
     trainer.fit(module, loader())
+    assert len(get_decoder_layers(module)) == LAYERS - 2
     before_removal = str(tmp_path / "ckpt" / "epoch=0-step=1.ckpt")
-    with pytest.raises(ValueError, match=r"it was pruned after that checkpoint was written.*load_pruned_checkpoint"):
-        trainer.validate(module, loader(), ckpt_path=before_removal)
-    fresh = load_pruned_checkpoint(TinyLM(), before_removal)  # the way out the message gives
-    assert len(get_decoder_layers(fresh)) == LAYERS
+    reference = load_pruned_checkpoint(TinyLM(), before_removal)  # full depth, in a freshly built module
+    batch = next(iter(loader()))
+    for stage in ("validate", "test"):  # like trainer.test(ckpt_path="best") when the best predates the removal
+        module.test_step = module.validation_step
+        getattr(trainer, stage)(module, loader(), ckpt_path=before_removal)
+        assert len(get_decoder_layers(module)) == LAYERS and module.model.config.num_hidden_layers == LAYERS
+        same_weights(module, reference)
+        module.eval(), reference.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(module(**batch), reference(**batch))
+        trainer.validate(module, loader(), ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=3.ckpt"))  # and back
+        assert len(get_decoder_layers(module)) == LAYERS - 2
+    with pytest.raises(ValueError, match=r"holds the weights of original blocks .* \(of 6\), but the model holds"):
+        restore_pruned_architecture(TinyLM(num_layers=8), before_removal)  # another model: refused, not guessed
 
 
 def test_resume_without_the_pruner_rebuilds_the_architecture(tmp_path):

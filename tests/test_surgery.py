@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import FAMILIES, HIDDEN, VOCAB, random_batch, tiny_model
+from conftest import FAMILIES, HIDDEN, LAYERS, VOCAB, random_batch, tiny_model
 from torch import nn
 
 from lp_callbacks import surgery
@@ -475,3 +475,24 @@ def test_drop_optimizer_params_validates():
     optimizer = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
     with pytest.raises(TypeError, match="`params` must hold tensors, got int"):
         drop_optimizer_params(optimizer, [1])
+
+
+def test_restore_layers_rebuilds_the_original_model(family):  # for checkpoints written before a removal
+    from lp_callbacks.surgery import removed_layer_indices, restore_layers
+
+    model = tiny_model(family)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    config = model.config.to_dict()
+    batch = random_batch()
+    with torch.no_grad():
+        expected = model(**batch).logits
+    drop_layers(model, [1, 3])
+    assert removed_layer_indices(model) == [1, 3]
+    assert all(p.is_meta for i in (1, 3) for p in get_decoder_layers(model).__dict__["_lp_removed_blocks"][i].parameters())
+    assert restore_layers(model, range(LAYERS)) == list(range(LAYERS)) and removed_layer_indices(model) == []
+    model.load_state_dict(state)
+    assert model.config.to_dict() == config
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, expected)
+    with pytest.raises(ValueError, match=r"cannot restore original blocks \[7\]"):
+        restore_layers(model, [7])
