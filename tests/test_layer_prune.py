@@ -534,17 +534,23 @@ def test_layerwise_param_groups_resume_after_a_removal(tmp_path):  # RELIABILITY
         torch.testing.assert_close(a, b, msg=k)
 
 
-def test_model_built_in_configure_model_is_found_and_pruned(tmp_path):  # RELIABILITY 31
-    class LateLM(TinyLM):
-        def __init__(self):
-            super().__init__()
-            del self.model
+class LateLM(TinyLM):
+    """Builds its HF model in configure_model (as for sharded training): nothing to find before that."""
 
-        def configure_model(self):
-            if not hasattr(self, "model"):
-                self.model = TinyLM().model
+    def __init__(self):
+        super().__init__()
+        del self.model
 
+    def configure_model(self):
+        if not hasattr(self, "model"):
+            self.model = TinyLM().model
+
+
+def test_model_built_in_configure_model_is_found_pruned_and_resumed(tmp_path):  # RELIABILITY 31
     module = LateLM()
     prune = LayerPruneCallback(num_layers=2, at_steps=[2])
-    fast_trainer(tmp_path, callbacks=[prune], max_steps=3).fit(module, loader())
+    _checkpointed_run(tmp_path, prune, module=module)
     assert n_layers(module) == LAYERS - 2 and prune.original_num_layers == LAYERS
+    resumed, again = LateLM(), LayerPruneCallback(num_layers=2, at_steps=[2])
+    fast_trainer(tmp_path, callbacks=[again], max_steps=6).fit(resumed, loader(), ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=4.ckpt"))
+    assert n_layers(resumed) == LAYERS - 2 and again.removed == prune.removed

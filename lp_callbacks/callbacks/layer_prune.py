@@ -229,11 +229,11 @@ class LayerPruneCallback(Callback):
             if checkpoint is None:
                 return
             if stage == "fit":
+                if self.original_num_layers is None:  # the model came from configure_model: bind it at full depth
+                    self._bind(trainer, module)
                 self._restore_own_state(trainer, checkpoint)
             restore_pruned_architecture(module, checkpoint, self.layers_path)
             if stage == "fit":
-                if self.original_num_layers is None:  # the model came from configure_model
-                    self._bind(trainer, module)
                 self._make_plan(trainer, resumed_at=(checkpoint.get("global_step", 0), checkpoint.get("epoch", 0)))
             if removal_records(checkpoint):
                 rank_zero_info(f"LayerPruneCallback: rebuilt the pruned model from the checkpoint ({len(self.original_indices or [])} blocks).")
