@@ -1,0 +1,61 @@
+"""One vocabulary for argument checks: each raises with the argument's name, the valid values and what was given.
+
+Example:
+    >>> check_int("every_n_steps", 0, minimum=1)
+    Traceback (most recent call last):
+    ...
+    ValueError: `every_n_steps` must be an int >= 1, got 0.
+    >>> check_fraction("fraction", 0.25)
+    0.25
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+__all__ = ["check_bool", "check_fraction", "check_int", "check_number"]
+
+
+def check_int(name: str, value: Any, minimum: int = 0, allow_none: bool = False) -> Any:
+    """``value`` when it is an int ``>= minimum`` (or ``None`` when allowed); bool is not an int here."""
+    if allow_none and value is None:
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        extra = " or None" if allow_none else ""
+        raise ValueError(f"`{name}` must be an int >= {minimum}{extra}, got {value!r}.")
+    return value
+
+
+def check_number(
+    name: str,
+    value: Any,
+    low: float = -math.inf,
+    high: float = math.inf,
+    low_open: bool = False,
+    high_open: bool = False,
+    allow_none: bool = False,
+) -> Any:
+    """``value`` when it is a real number in the interval ``low``..``high`` (ends open or closed as asked)."""
+    if allow_none and value is None:
+        return value
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        extra = " or None" if allow_none else ""
+        raise ValueError(f"`{name}` must be a number in {interval}{extra}, got {value!r}.")
+    return value
+
+
+def check_fraction(name: str, value: Any, allow_none: bool = False) -> Any:
+    """``value`` when it is a number in the open interval (0, 1)."""
+    return check_number(name, value, 0.0, 1.0, low_open=True, high_open=True, allow_none=allow_none)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """``value`` when it is ``True`` or ``False`` (not 0/1, not a string)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be True or False, got {value!r}.")
+    return value
