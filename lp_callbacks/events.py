@@ -30,9 +30,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal
 
-__all__ = ["DEPTH_EVENT_KINDS", "DepthEvent", "DepthEventSource", "collect_depth_events", "event_source_name"]
+__all__ = ["DEPTH_EVENT_KINDS", "DepthEvent", "collect_depth_events"]
 
 #: The kinds of :class:`DepthEvent`.
 DEPTH_EVENT_KINDS: tuple[str, ...] = ("prune", "freeze", "unfreeze")
@@ -95,18 +95,6 @@ class DepthEvent:
         )
 
 
-@runtime_checkable
-class DepthEventSource(Protocol):
-    """Anything with a ``depth_events`` list (the pruning and freezing callbacks)."""
-
-    depth_events: list[DepthEvent]
-
-
-def event_source_name(source: object) -> str:
-    """The name under which a source's events are reported: its class name."""
-    return type(source).__name__
-
-
 def _as_event(item: Any) -> DepthEvent | None:
     if isinstance(item, DepthEvent):
         return item
@@ -129,5 +117,5 @@ def collect_depth_events(callbacks: Iterable[object]) -> list[tuple[str, DepthEv
         for item in events:
             event = _as_event(item)
             if event is not None:
-                found.append((event_source_name(callback), event))
+                found.append((type(callback).__name__, event))  # reported under its class name
     return sorted(found, key=lambda pair: pair[1].step)

@@ -28,6 +28,8 @@ from typing import Any
 
 from torch import nn
 
+from lp_callbacks.architectures import input_embeddings, output_embeddings
+
 __all__ = ["RECORD_FILE", "check_export_dir", "save_export"]
 
 RECORD_FILE = "lp_pruning.json"
@@ -216,11 +218,8 @@ def _untie_if_diverged(model: nn.Module) -> None:
     config = getattr(model, "config", None)
     if not getattr(config, "tie_word_embeddings", False):
         return
-    try:
-        out_w = getattr(model.get_output_embeddings(), "weight", None)
-        in_w = getattr(model.get_input_embeddings(), "weight", None)
-    except (AttributeError, NotImplementedError):
-        return
+    out_w = getattr(output_embeddings(model), "weight", None)
+    in_w = getattr(input_embeddings(model), "weight", None)
     if out_w is not None and in_w is not None and out_w.data_ptr() != in_w.data_ptr():
         config.tie_word_embeddings = False
 

@@ -41,6 +41,9 @@ from typing import Any
 
 from torch import nn
 
+from lp_callbacks.architectures import DecoderStack, expert_layers, find_hf_model, has_gated_mlp
+from lp_callbacks.validation import check_int
+
 __all__ = [
     "FlopsBreakdown",
     "LayerFlops",
@@ -51,12 +54,6 @@ __all__ = [
     "flops_per_token",
     "transformer_dims",
 ]
-
-# Families whose MLP is up -> activation -> down (no gate). Any other family is taken as gated (SwiGLU/GeGLU).
-_PLAIN_MLP = frozenset({"gpt2", "gptj", "bloom", "falcon", "gpt_neox", "opt", "phi", "starcoder2", "gpt_bigcode"})
-# Families that place experts by the Qwen-MoE rule (`mlp_only_layers`, `decoder_sparse_step`).
-_QWEN_MOE = frozenset({"qwen2_moe", "qwen3_moe"})
-
 
 @dataclass(frozen=True)
 class ParameterCounts:
@@ -127,19 +124,6 @@ def _need(config: Any, value: Any, what: str, names: tuple[str, ...]) -> int:
     return int(value)
 
 
-def _moe_layers(config: Any, model_type: str, num_layers: int, num_experts: int) -> tuple[bool, ...]:
-    if num_experts <= 0:
-        return (False,) * num_layers
-    mlp_layer_types = getattr(config, "mlp_layer_types", None)
-    if isinstance(mlp_layer_types, (list, tuple)) and len(mlp_layer_types) >= num_layers:
-        return tuple(t == "sparse" for t in mlp_layer_types[:num_layers])
-    if model_type in _QWEN_MOE:
-        step = int(getattr(config, "decoder_sparse_step", 1) or 1)
-        dense = set(getattr(config, "mlp_only_layers", None) or ())
-        return tuple(i not in dense and (i + 1) % step == 0 for i in range(num_layers))
-    return (True,) * num_layers  # Mixtral and the like: every block routes to experts
-
-
 def transformer_dims(config: Any, num_layers: int | None = None) -> TransformerDims:
     """Normalise an HF config (any supported family, multimodal configs through their text config).
 
@@ -195,7 +179,7 @@ def transformer_dims(config: Any, num_layers: int | None = None) -> TransformerD
         num_kv_heads=kv_heads,
         head_dim=head_dim,
         intermediate_size=intermediate,
-        gated_mlp=model_type not in _PLAIN_MLP,
+        gated_mlp=has_gated_mlp(model_type),
         vocab_size=vocab,
         output_dim=output_dim,
         layer_types=layer_types,
@@ -204,7 +188,7 @@ def transformer_dims(config: Any, num_layers: int | None = None) -> TransformerD
         experts_per_token=experts_per_token,
         expert_intermediate_size=expert_size,
         shared_expert_intermediate_size=shared_size,
-        moe_layers=_moe_layers(config, model_type, int(layers), num_experts),
+        moe_layers=expert_layers(config, int(layers), num_experts),
     )
 
 
@@ -266,7 +250,8 @@ def flops_breakdown(config: Any, seq_len: int, causal: bool = False, num_layers:
     """Forward FLOPs per token of each block and of the LM head (formula in the module docstring).
 
     Args:
-        config: an HF config, or a model (its ``config`` is used).
+        config: an HF config, or a model (the config of the HF model it holds), or a
+            :class:`~lp_callbacks.architectures.DecoderStack`.
         seq_len: tokens per sequence (the padded length of the batches).
         causal: count only the keys a causal kernel visits (see the module docstring).
         num_layers: current number of blocks when it differs from the config's.
@@ -274,10 +259,9 @@ def flops_breakdown(config: Any, seq_len: int, causal: bool = False, num_layers:
     Raises:
         ValueError: for a ``seq_len`` that is not a positive int, or a config without the sizes needed.
     """
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
-        raise ValueError(f"`seq_len` must be a positive int, got {seq_len!r}.")
-    if isinstance(config, nn.Module):
-        config = config.config
+    check_int("seq_len", seq_len, minimum=1)
+    if isinstance(config, (nn.Module, DecoderStack)):
+        config = find_hf_model(config).config
     dims = transformer_dims(config, num_layers)
     d, h = dims.hidden_size, dims.head_dim
     q_width, kv_width = dims.num_heads * h, dims.num_kv_heads * h

@@ -15,7 +15,7 @@ Tokens whose vectors are non-finite or zero are skipped and counted, so one over
 
 Example:
     >>> x = torch.randn(2, 5, 16)
-    >>> float(block_influence(x, x))  # a block that changes nothing
+    >>> float(bi_mean(x, x))  # a block that changes nothing
     0.0
 """
 
@@ -31,12 +31,11 @@ from torch import Tensor
 __all__ = [
     "TokenStats",
     "angular_distance",
-    "angular_distance_stats",
     "angular_distances_from_hidden_states",
-    "block_influence",
-    "block_influence_from_hidden_states",
-    "block_influence_stats",
-    "select_tokens",
+    "angular_sums",
+    "bi_from_hidden_states",
+    "bi_mean",
+    "bi_sums",
 ]
 
 
@@ -50,19 +49,6 @@ class TokenStats(NamedTuple):
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def select_tokens(x: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Flatten ``x`` of shape ``(..., H)`` to ``(N, H)``, keeping only the positions where ``mask`` is true.
-
-    Args:
-        x: hidden states, ``(B, T, H)`` or any ``(..., H)``.
-        mask: ``(B, T)`` (or ``x.shape[:-1]``) attention mask, nonzero for real tokens; ``None`` keeps all.
-    """
-    _check_mask(x, mask)
-    if mask is None:
-        return x.reshape(-1, x.shape[-1])
-    return x[mask.to(device=x.device, dtype=torch.bool)]
 
 
 def _check_mask(x: Tensor, mask: Tensor | None) -> None:
@@ -100,7 +86,7 @@ def _stats(per_token: Tensor, valid: Tensor, skipped: Tensor) -> TokenStats:
     return TokenStats(total, valid.sum(dtype=torch.float64), skipped.to(torch.float64))
 
 
-def block_influence_stats(inputs: Tensor, outputs: Tensor, mask: Tensor | None = None) -> TokenStats:
+def bi_sums(inputs: Tensor, outputs: Tensor, mask: Tensor | None = None) -> TokenStats:
     """Sum over valid tokens of ``1 - cos(input, output)``, the token count and the skipped count.
 
     Args:
@@ -112,7 +98,7 @@ def block_influence_stats(inputs: Tensor, outputs: Tensor, mask: Tensor | None =
     return _stats(1.0 - cos, valid, skipped)
 
 
-def angular_distance_stats(first: Tensor, last: Tensor, mask: Tensor | None = None) -> TokenStats:
+def angular_sums(first: Tensor, last: Tensor, mask: Tensor | None = None) -> TokenStats:
     """Sum over valid tokens of ``arccos(cos(first, last)) / pi``, the token count and the skipped count."""
     cos, valid, skipped = _cosines(first, last, mask)
     return _stats(torch.arccos(cos) / math.pi, valid, skipped)
@@ -122,22 +108,22 @@ def _mean(stats: TokenStats) -> Tensor:
     return stats.total / stats.count if stats.count > 0 else torch.tensor(float("nan"), dtype=torch.float64)
 
 
-def block_influence(inputs: Tensor, outputs: Tensor, mask: Tensor | None = None) -> Tensor:
+def bi_mean(inputs: Tensor, outputs: Tensor, mask: Tensor | None = None) -> Tensor:
     """Block Influence ``1 - mean_t cos(inputs_t, outputs_t)`` over real tokens, as a float64 scalar.
 
     NaN when no token is valid.
 
     Example:
         >>> x = torch.randn(1, 4, 8)
-        >>> bool(torch.isclose(block_influence(x, -x), torch.tensor(2.0, dtype=torch.float64)))
+        >>> bool(torch.isclose(bi_mean(x, -x), torch.tensor(2.0, dtype=torch.float64)))
         True
     """
-    return _mean(block_influence_stats(inputs, outputs, mask))
+    return _mean(bi_sums(inputs, outputs, mask))
 
 
 def angular_distance(first: Tensor, last: Tensor, mask: Tensor | None = None) -> Tensor:
     """Gromov's angular distance ``mean_t arccos(cos(first_t, last_t)) / pi`` in [0, 1], as a float64 scalar."""
-    return _mean(angular_distance_stats(first, last, mask))
+    return _mean(angular_sums(first, last, mask))
 
 
 def _check_hidden_states(hidden_states: Sequence[Tensor]) -> None:
@@ -145,7 +131,7 @@ def _check_hidden_states(hidden_states: Sequence[Tensor]) -> None:
         raise ValueError(f"`hidden_states` needs the input of the first block and at least one output, got {len(hidden_states)}.")
 
 
-def block_influence_from_hidden_states(hidden_states: Sequence[Tensor], mask: Tensor | None = None) -> Tensor:
+def bi_from_hidden_states(hidden_states: Sequence[Tensor], mask: Tensor | None = None) -> Tensor:
     """BI of every block from the L+1 residual-stream states ``[x_0 (input of block 0), ..., x_L]``: shape ``(L,)``.
 
     A reference implementation (it needs all states in memory); training code uses hooks instead.
@@ -153,7 +139,7 @@ def block_influence_from_hidden_states(hidden_states: Sequence[Tensor], mask: Te
     last block's.
     """
     _check_hidden_states(hidden_states)
-    return torch.stack([block_influence(a, b, mask) for a, b in zip(hidden_states[:-1], hidden_states[1:])])
+    return torch.stack([bi_mean(a, b, mask) for a, b in zip(hidden_states[:-1], hidden_states[1:])])
 
 
 def angular_distances_from_hidden_states(

@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from lp_callbacks.architectures import get_layers_owner
+from lp_callbacks.architectures import DecoderStack
 from lp_callbacks.recorder import BlockInfluenceRecorder
+from lp_callbacks.validation import check_int
 
-__all__ = ["DepthMeasurement", "block_influence", "measure_depth"]
+__all__ = ["DepthMeasurement", "block_influence", "calibration_pass", "measure_depth"]
 
 
 @dataclass
@@ -33,18 +34,16 @@ class DepthMeasurement:
     skipped_tokens: int = 0
 
 
-def _check_max_batches(max_batches: int | None) -> None:
-    if max_batches is not None and (not isinstance(max_batches, int) or isinstance(max_batches, bool) or max_batches < 1):
-        raise ValueError(f"`max_batches` must be a positive int or None, got {max_batches!r}.")
-
-
-def progress(batches: Iterable, total: int | None, desc: str) -> Iterable:
-    """A tqdm bar over ``batches`` on an interactive terminal (silent in logs and CI, like tqdm's ``disable=None``)."""
+def _progress(batches: Iterable, limit: int | None, desc: str) -> Iterable:
+    """The first ``limit`` of ``batches`` under a tqdm bar on an interactive terminal (silent in logs and CI, like
+    tqdm's ``disable=None``)."""
     from tqdm.auto import tqdm
 
-    if total is None and hasattr(batches, "__len__"):
-        total = len(batches)  # type: ignore[arg-type]
-    return tqdm(batches, total=total, desc=desc, leave=False, disable=None)
+    try:
+        total = min(len(batches), limit) if limit is not None else len(batches)  # type: ignore[arg-type]
+    except TypeError:  # an iterable without len
+        total = limit
+    return tqdm(itertools.islice(batches, limit), total=total, desc=desc, leave=False, disable=None)
 
 
 def _model_inputs(batch: Mapping[str, Tensor], device: torch.device, position_ids: bool = False) -> dict[str, Tensor]:
@@ -87,16 +86,44 @@ def _takes_position_ids(runner: nn.Module) -> bool:
         return False
 
 
-def _runner(model: nn.Module, layers_path: str | None) -> nn.Module:
-    """The blocks' owner when it is an HF base model (it takes ``input_ids``), else the whole model."""
+def _runner(stack: DecoderStack) -> nn.Module:
+    """The blocks' owner when it is an HF base model (it takes ``input_ids``), else the HF model (or custom model)."""
     from transformers import PreTrainedModel
 
-    owner = get_layers_owner(model, layers_path)
-    return owner if isinstance(owner, PreTrainedModel) or hasattr(owner, "embed_tokens") else model
+    owner = stack.owner
+    return owner if isinstance(owner, PreTrainedModel) or hasattr(owner, "embed_tokens") else stack.root
+
+
+def calibration_pass(
+    recorder: BlockInfluenceRecorder,
+    batches: Iterable[Mapping[str, Tensor]],
+    max_batches: int | None = None,
+    desc: str = "Block Influence",
+) -> None:
+    """Run the recorder's model on ``batches`` (no grad, eval mode, no KV cache) with the recorder on: the one
+    calibration loop, shared by :func:`measure_depth` and the callbacks (which read the recorder after it).
+
+    Only the module that runs the blocks is called (``LlamaModel``, not ``LlamaForCausalLM``), so no LM head and no
+    ``(B, T, vocab)`` logits are computed; ``position_ids`` are derived from the mask (see :func:`_model_inputs`).
+    The model's train/eval mode is restored afterwards.
+    """
+    check_int("max_batches", max_batches, minimum=1, allow_none=True)
+    model = recorder.stack.root
+    runner = _runner(recorder.stack)
+    device = next(model.parameters()).device
+    position_ids = _takes_position_ids(runner)
+    was_training = model.training
+    model.eval()
+    try:
+        with recorder.recording(), torch.no_grad():
+            for batch in _progress(batches, max_batches, desc):
+                runner(**_model_inputs(batch, device, position_ids), use_cache=False)
+    finally:
+        model.train(was_training)
 
 
 def measure_depth(
-    model: nn.Module,
+    model: nn.Module | DecoderStack,
     batches: Iterable[Mapping[str, Tensor]],
     max_batches: int | None = None,
     block_sizes: Iterable[int] = (),
@@ -106,7 +133,8 @@ def measure_depth(
     """Run ``model`` on ``batches`` (no grad, eval mode, no KV cache) and measure every block.
 
     Args:
-        model: an HF causal LM (or a module holding one).
+        model: an HF causal LM (or a module holding one, or its resolved
+            :class:`~lp_callbacks.architectures.DecoderStack`).
         batches: dicts with ``input_ids`` ``(B, T)`` and optionally ``attention_mask`` and ``position_ids``
             ``(B, T)``. Without ``position_ids``, they are derived from the mask (first real token at 0).
         max_batches: stop after this many batches.
@@ -116,37 +144,28 @@ def measure_depth(
 
     Peak memory stays that of a plain inference forward: hooks reduce each block's output to a few scalars
     as the forward goes, and no list of hidden states is kept. Only the module that runs the blocks is called
-    (``LlamaModel``, not ``LlamaForCausalLM``), so no LM head and no ``(B, T, vocab)`` logits are computed.
+    (``LlamaModel``, not ``LlamaForCausalLM``), so no LM head and no ``(B, T, vocab)`` logits are computed
+    (:func:`calibration_pass`).
 
     Padding is excluded through ``attention_mask``, and positions are counted from each row's first real token,
     so right- and left-padded batches give the BI of the same sequences unpadded, for relative (RoPE, ALiBi) and
     absolute (learned, e.g. GPT-2) positions alike. ``position_ids`` in a batch are used as given (e.g. for
     packed sequences).
     """
-    _check_max_batches(max_batches)
     recorder = BlockInfluenceRecorder(model, layers_path, block_sizes, max_tokens_per_batch)
-    device = next(model.parameters()).device
-    runner = _runner(model, layers_path)
-    position_ids = _takes_position_ids(runner)
-    was_training = model.training
-    model.eval()
     try:
-        with recorder.recording(), torch.no_grad():
-            total = min(max_batches, len(batches)) if max_batches and hasattr(batches, "__len__") else max_batches  # type: ignore[arg-type]
-            for batch in progress(itertools.islice(batches, max_batches), total, "Block Influence"):
-                runner(**_model_inputs(batch, device, position_ids), use_cache=False)
-        metric = recorder.block_influence
+        calibration_pass(recorder, batches, max_batches)
+        metric = recorder.bi_metric
         if not bool((metric.count > 0).any()):
             raise ValueError("`batches` produced no token to measure (empty iterable or all-padding masks).")
         return DepthMeasurement(
             block_influence=metric.compute().cpu(),
-            angular_distances={n: m.compute().cpu() for n, m in recorder.angular.items()},
+            angular_distances={n: m.compute().cpu() for n, m in recorder.angular_metrics.items()},
             tokens=int(metric.count.max()),
             skipped_tokens=int(metric.skipped.max()),
         )
     finally:
         recorder.detach()
-        model.train(was_training)
 
 
 def block_influence(

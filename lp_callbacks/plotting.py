@@ -1,9 +1,13 @@
 """Pictures of depth: BI heatmap (original layer x step), BI profile, and the timeline of pruning/freezing events.
 
+Both BI pictures switch to a logarithmic scale when BI spans decades (real models' first block dwarfs the others);
+removed blocks stay visible: grey cells in the heatmap, their last measured BI (hatched grey) in the profile.
+
 Headless: figures are built on matplotlib's Agg canvas directly (no ``pyplot``, no global figure registry, the
-user's backend untouched), so this works on servers and in DDP workers. Every function returns the
+user's backend untouched), so this works on servers and in DDP workers. Every ``plot_*`` function returns the
 :class:`~matplotlib.figure.Figure` and, given ``path``, also writes it as PNG (parent folders created, no timestamp
-in the file, so the same data give the same bytes).
+in the file, so the same data give the same bytes). :func:`draw_depth_figures` draws the depth monitor's three
+pictures, :func:`log_figures` sends them to the loggers that take images.
 
 Example:
     >>> fig = plot_bi_heatmap(monitor.history, events, path="runs/depth/bi_heatmap.png")  # doctest: +SKIP
@@ -13,13 +17,14 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from lp_callbacks.events import DepthEvent
@@ -28,7 +33,12 @@ __all__ = [
     "EVENTS_FILE",
     "HEATMAP_FILE",
     "PROFILE_FILE",
+    "DepthFigures",
     "bi_matrix",
+    "draw_depth_figures",
+    "frozen_layers",
+    "last_measured_bi",
+    "log_figures",
     "plot_bi_heatmap",
     "plot_bi_profile",
     "plot_events",
@@ -41,6 +51,8 @@ EVENTS_FILE = "events.png"
 
 _KIND_COLORS = {"prune": "tab:red", "freeze": "tab:blue", "unfreeze": "tab:green"}
 _REMOVED_COLOR = "lightgrey"
+_LABEL_BOX = {"boxstyle": "square,pad=0.1", "facecolor": "white", "edgecolor": "none", "alpha": 0.8}  # over lines
+_LOG_RATIO = 20  # a log scale when the largest positive BI is over this many times the smallest
 
 
 def _new_figure(width: float, height: float) -> Figure:
@@ -86,6 +98,31 @@ def bi_matrix(
             if i < rows and value is not None and math.isfinite(value):
                 matrix[i, j] = value
     return matrix, [int(record["step"]) for record in history]
+
+
+def last_measured_bi(history: Sequence[Mapping[str, Any]]) -> dict[int, float]:
+    """The last finite BI measured for each original layer in ``history`` (how removed blocks are drawn)."""
+    last: dict[int, float] = {}
+    for record in history:
+        for i, value in zip(record["original_indices"], record["block_influence"]):
+            if value is not None and math.isfinite(value):
+                last[int(i)] = float(value)
+    return last
+
+
+def frozen_layers(events: Iterable[DepthEvent | Mapping[str, Any]]) -> set[int]:
+    """Original indices frozen after ``events`` (in step order): a freeze adds its blocks, an unfreeze or a prune
+    takes them away."""
+    frozen: set[int] = set()
+    for event in sorted((_event_dict(e) for e in events), key=lambda e: e["step"]):
+        layers = set(event["original_layers"])
+        frozen = frozen | layers if event["kind"] == "freeze" else frozen - layers
+    return frozen
+
+
+def _spans_decades(values: np.ndarray) -> bool:
+    positive = values[np.isfinite(values) & (values > 0)]
+    return bool(positive.size) and bool(positive.max() > _LOG_RATIO * positive.min())
 
 
 def _edges(steps: Sequence[int]) -> np.ndarray:
@@ -140,7 +177,7 @@ def plot_bi_heatmap(
         cmap = matplotlib.colormaps["viridis"].with_extremes(bad=_REMOVED_COLOR)
         positive = matrix[np.isfinite(matrix) & (matrix > 0)]
         if log_scale is None:
-            log_scale = positive.size > 0 and positive.max() > 20 * positive.min()
+            log_scale = _spans_decades(matrix)
         norm = None
         if log_scale and positive.size:
             norm = matplotlib.colors.LogNorm(vmin=positive.min(), vmax=positive.max())
@@ -170,8 +207,13 @@ def plot_bi_profile(
     frozen: Iterable[int] = (),
     step: int | None = None,
     path: str | os.PathLike[str] | None = None,
+    removed_bi: Mapping[int, float] | None = None,
+    log_scale: bool | None = None,
 ) -> Figure:
-    """Bar chart of the current BI per original layer; removed layers marked in grey, frozen ones in blue.
+    """Bar chart of the current BI per original layer; frozen layers in blue, removed ones hatched grey.
+
+    A removed layer is drawn at the BI last measured for it (``removed_bi``), never at a made-up height; one never
+    measured is a grey cross on the axis. All three kinds have a legend entry.
 
     Args:
         block_influence: BI of the current layers ``(L,)``.
@@ -181,6 +223,10 @@ def plot_bi_profile(
         frozen: original indices of frozen layers.
         step: shown in the title.
         path: write the PNG there too.
+        removed_bi: ``{original index: last measured BI}`` (:func:`last_measured_bi` of the BI history); entries of
+            current layers are ignored.
+        log_scale: logarithmic BI axis; ``None`` chooses it when the largest BI is over 20 times the smallest (as
+            the heatmap does).
     """
     values = [float(v) for v in block_influence]
     indices = [int(i) for i in original_indices]
@@ -190,35 +236,79 @@ def plot_bi_profile(
         )
     total = original_num_layers if original_num_layers is not None else (max(indices) + 1 if indices else 0)
     frozen = set(frozen)
+    removed = sorted(set(range(total)) - set(indices))
+    last = {i: float(v) for i, v in (removed_bi or {}).items() if i in set(removed) and math.isfinite(v)}
     fig = _new_figure(max(5.0, 0.3 * total + 2), 3.5)
     if not indices:
         _empty(fig, "no Block Influence measured yet")
     else:
         ax = fig.add_subplot()
         heights = [v if math.isfinite(v) else 0.0 for v in values]
+        handles: list[Any] = []  # in the order drawn (matplotlib would list lines before bars)
         for is_frozen, color, label in ((False, "tab:orange", "trained"), (True, "tab:blue", "frozen")):
             chosen = [(i, v) for i, v in zip(indices, heights) if (i in frozen) == is_frozen]
             if chosen:
-                ax.bar(*zip(*chosen), color=color, label=label)
-        removed = sorted(set(range(total)) - set(indices))
-        if removed:
-            top = max((v for v in values if math.isfinite(v)), default=1.0) or 1.0
-            ax.bar(removed, [top] * len(removed), color=_REMOVED_COLOR, hatch="//", edgecolor="grey", alpha=0.6,
-                   label="removed")
+                handles.append(ax.bar(*zip(*chosen), color=color, label=label))
+        if last:
+            handles.append(ax.bar(list(last), list(last.values()), color=_REMOVED_COLOR, hatch="//",
+                                  edgecolor="grey", label="removed (last measured BI)"))
+        unmeasured = [i for i in removed if i not in last]
+        if unmeasured:  # a cross on the axis: no height to claim
+            handles += ax.plot(unmeasured, [0.03] * len(unmeasured), transform=ax.get_xaxis_transform(),
+                               linestyle="none", marker="x", color="grey", label="removed (not measured)")
+        if log_scale is None:
+            log_scale = _spans_decades(np.asarray(heights + list(last.values())))
+        if log_scale:
+            ax.set_yscale("log")
         if threshold is not None:
-            ax.axhline(threshold, color="black", linestyle="--", linewidth=1, label=f"threshold {threshold:g}")
+            handles.append(ax.axhline(threshold, color="black", linestyle="--", linewidth=1,
+                                      label=f"threshold {threshold:g}"))
         ax.set_xlabel("original layer")
-        ax.set_ylabel("Block Influence")
+        ax.set_ylabel("Block Influence" + (" (log scale)" if log_scale else ""))
         ax.set_xlim(-0.6, total - 0.4)
         if total <= 40:
             ax.set_xticks(range(total))
         else:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title("Block Influence profile" + (f" at step {step}" if step is not None else ""))
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     if path is not None:
         save_figure(fig, path)
     return fig
+
+
+def _event_label(event: Mapping[str, Any]) -> str:
+    text = f"{event['kind']} {_layers_label(event['original_layers'])}"
+    if event.get("recovery_steps") is not None:
+        text += f"\nrecovered in {event['recovery_steps']} steps"
+    return text
+
+
+def _label_events(fig: Figure, ax: Any, events: Sequence[Mapping[str, Any]]) -> None:
+    """Write each event's label at the top of ``ax`` next to its line; a label that would overlap one already
+    written goes below it, one that would leave the axes on the right is turned to the line's left.
+
+    Measured on the final layout (labels are kept out of it, so it does not move afterwards).
+    """
+    fig.get_layout_engine().execute(fig)
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    points = 72.0 / fig.dpi
+    placed: list[Any] = []
+    for event in events:
+        label = ax.annotate(_event_label(event), (event["step"], 1.0), xycoords=("data", "axes fraction"),
+                            xytext=(3, -3), textcoords="offset points", va="top", fontsize="x-small",
+                            color=_KIND_COLORS.get(event["kind"], "black"), annotation_clip=False, bbox=_LABEL_BOX)
+        label.set_in_layout(False)
+        box = label.get_window_extent(renderer)
+        if box.x1 > frame.x1:
+            label.set_horizontalalignment("right")
+            label.xyann = (-3, -3)
+            box = label.get_window_extent(renderer)
+        while hits := [b for b in placed if b.overlaps(box)]:  # moves down only, past one more label each time
+            label.xyann = (label.xyann[0], label.xyann[1] + (min(b.y0 for b in hits) - box.y1) * points - 2)
+            box = label.get_window_extent(renderer)
+        placed.append(box)
 
 
 def plot_events(
@@ -228,6 +318,10 @@ def plot_events(
     path: str | os.PathLike[str] | None = None,
 ) -> Figure:
     """Timeline: training loss (top) and decoder depth (bottom) over steps, with every event marked and labelled.
+
+    Labels never overlap (a crowded one moves below its neighbour); the legend names the kinds of event and the
+    loss markers: "loss before" (grey circle) is the mean loss of the window before an event, "loss after"
+    (triangle, coloured by kind) the loss of the first step after it.
 
     Args:
         events: :class:`DepthEvent` or dicts with at least ``step``, ``kind``, ``original_layers``; the optional
@@ -244,20 +338,20 @@ def plot_events(
         ax_loss.plot(x, y, color="black", linewidth=1, label="training loss")
     ax_loss.set_ylabel("loss")
     _event_lines(ax_loss, events)
-    for event in events:
-        text = f"{event['kind']} {_layers_label(event['original_layers'])}"
-        if event.get("recovery_steps") is not None:
-            text += f"\nrecovered in {event['recovery_steps']} steps"
-        ax_loss.annotate(text, (event["step"], 1.0), xycoords=("data", "axes fraction"), xytext=(3, -3),
-                         textcoords="offset points", va="top", fontsize="x-small",
-                         color=_KIND_COLORS.get(event["kind"], "black"))
-        if event.get("loss_before") is not None:
-            ax_loss.plot([event["step"]], [event["loss_before"]], marker="o", color="grey", markersize=4)
-        if event.get("loss_after") is not None:
-            ax_loss.plot([event["step"]], [event["loss_after"]], marker="^", color=_KIND_COLORS.get(event["kind"]),
-                         markersize=5)
-    if loss_curve or events:
-        ax_loss.legend(loc="lower left", fontsize="small")
+    handles, _ = ax_loss.get_legend_handles_labels()
+    marker = {"linestyle": "none", "markeredgecolor": "black", "markeredgewidth": 0.5}
+    for key, style, label in (("loss_before", {"marker": "o", "color": "grey", "markersize": 4},
+                               "loss before"),
+                              ("loss_after", {"marker": "^", "color": "white", "markersize": 5},
+                               "loss after")):
+        shown = [e for e in events if e.get(key) is not None]
+        for event in shown:
+            color = style["color"] if key == "loss_before" else _KIND_COLORS.get(event["kind"], "black")
+            ax_loss.plot([event["step"]], [event[key]], **{**marker, **style, "color": color})
+        if shown:
+            handles.append(Line2D([], [], **marker, **style, label=label))
+    if handles:
+        ax_loss.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     ax_loss.set_title("Depth events" if events else "Depth events (none)")
     if depth_curve:
         x, y = zip(*depth_curve)
@@ -266,6 +360,75 @@ def plot_events(
     ax_depth.set_ylabel("decoder layers")
     ax_depth.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax_depth.set_xlabel("step")
+    if events:
+        _label_events(fig, ax_loss, events)
     if path is not None:
         save_figure(fig, path)
     return fig
+
+
+class DepthFigures(NamedTuple):
+    """The depth monitor's three pictures and where they were written."""
+
+    figures: dict[str, Figure]
+    paths: dict[str, Path]
+
+
+def draw_depth_figures(
+    directory: str | os.PathLike[str],
+    history: Sequence[Mapping[str, Any]],
+    events: Sequence[Mapping[str, Any]],
+    current: tuple[Sequence[float], Sequence[int]] | None = None,
+    original_num_layers: int | None = None,
+    threshold: float | None = None,
+    loss_curve: Sequence[tuple[int, float]] = (),
+    depth_curve: Sequence[tuple[int, int]] = (),
+) -> DepthFigures:
+    """Draw and write ``bi_heatmap``, ``bi_profile`` and ``events`` in ``directory``.
+
+    Args:
+        directory: where the PNGs go.
+        history: BI records (``BlockInfluenceMonitor.history``).
+        events: event dicts (``DepthEfficiencyMonitor.events``): lines on both timelines, frozen blocks in the profile.
+        current: ``(BI, original indices)`` of the model now for the profile (at the last step of ``history``);
+            ``None``: the last record of ``history``.
+        original_num_layers: depth before any removal.
+        threshold: the BI threshold line of the profile.
+        loss_curve: ``(step, loss)`` of the events picture.
+        depth_curve: ``(step, decoder layers)`` of the events picture.
+    """
+    directory = Path(directory)
+    paths = {"bi_heatmap": directory / HEATMAP_FILE, "bi_profile": directory / PROFILE_FILE,
+             "events": directory / EVENTS_FILE}
+    last = history[-1] if history else {"block_influence": [], "original_indices": [], "step": None}
+    bi, indices = current if current is not None else (last["block_influence"], last["original_indices"])
+    step = last["step"]
+    figures = {
+        "bi_heatmap": plot_bi_heatmap(history, events, original_num_layers, path=paths["bi_heatmap"]),
+        "bi_profile": plot_bi_profile(bi, indices, original_num_layers, threshold=threshold,
+                                      frozen=frozen_layers(events), step=step, path=paths["bi_profile"],
+                                      removed_bi=last_measured_bi(history)),
+        "events": plot_events(events, loss_curve, depth_curve, path=paths["events"]),
+    }
+    return DepthFigures(figures, paths)
+
+
+def log_figures(
+    loggers: Iterable[Any], drawn: DepthFigures, prefix: str, step: int, warn: Callable[[str], None]
+) -> None:
+    """Send the figures to the loggers that take images: TensorBoard (``add_figure``), W&B (``log_image`` of the
+    PNG), MLflow (``log_figure``), tagged ``<prefix>/<name>``; a logger that refuses is named to ``warn``."""
+    from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
+
+    for logger in loggers:
+        try:
+            for name, fig in drawn.figures.items():
+                tag = f"{prefix}/{name}"
+                if isinstance(logger, TensorBoardLogger):
+                    logger.experiment.add_figure(tag, fig, global_step=step, close=False)
+                elif isinstance(logger, WandbLogger):
+                    logger.log_image(key=tag, images=[str(drawn.paths[name])])
+                elif isinstance(logger, MLFlowLogger):
+                    logger.experiment.log_figure(logger.run_id, fig, f"{prefix}/{drawn.paths[name].name}")
+        except Exception as err:  # noqa: BLE001 (an image the logger refuses must not end the run)
+            warn(f"DepthEfficiencyMonitor: {type(logger).__name__} refused the figures ({err}).")

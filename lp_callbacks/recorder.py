@@ -11,7 +11,7 @@ Example:
     >>> recorder = BlockInfluenceRecorder(model)      # doctest: +SKIP
     >>> with recorder.recording(), torch.no_grad():   # doctest: +SKIP
     ...     model(**batch)
-    >>> recorder.block_influence.compute()             # doctest: +SKIP
+    >>> recorder.bi_metric.compute()                   # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lp_callbacks.architectures import get_decoder_layers, get_layers_owner
+from lp_callbacks.architectures import DecoderStack, decoder_stack
 from lp_callbacks.metrics import AngularDistance, BlockInfluence
 
 __all__ = ["BlockInfluenceRecorder"]
@@ -51,7 +51,8 @@ class BlockInfluenceRecorder:
     """Hooks the decoder blocks of ``model`` and accumulates BI (and angular distances) while :attr:`enabled`.
 
     Args:
-        model: an HF model or any module holding one.
+        model: an HF model or any module holding one, or its resolved
+            :class:`~lp_callbacks.architectures.DecoderStack`.
         layers_path: explicit dotted path of the block ``ModuleList`` for custom models.
         block_sizes: the ``n`` values for which angular distances are tracked (``()`` for none).
         max_tokens_per_forward: keep at most this many real tokens per forward (evenly spaced, deterministic,
@@ -69,13 +70,12 @@ class BlockInfluenceRecorder:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: nn.Module | DecoderStack,
         layers_path: str | None = None,
         block_sizes: Iterable[int] = (),
         max_tokens_per_forward: int | None = None,
     ) -> None:
-        self.model = model
-        self.layers_path = layers_path
+        self.stack = decoder_stack(model, layers_path)
         self.block_sizes = tuple(sorted(set(block_sizes)))
         self.max_tokens_per_forward = max_tokens_per_forward
         self.enabled = False
@@ -91,17 +91,16 @@ class BlockInfluenceRecorder:
     def attach(self) -> None:
         """(Re)hook the current block list and start fresh metrics sized to it (call after layers change)."""
         self.detach()
-        layers = get_decoder_layers(self.model, self.layers_path)
-        owner = get_layers_owner(self.model, self.layers_path)
+        layers = self.stack.layers
         self.num_layers = len(layers)
         device = next((p.device for p in layers.parameters()), torch.device("cpu"))
-        self.block_influence = BlockInfluence(self.num_layers, sync_on_compute=True).to(device)
-        self.angular = {
+        self.bi_metric = BlockInfluence(self.num_layers, sync_on_compute=True).to(device)
+        self.angular_metrics = {
             n: AngularDistance(self.num_layers, n, sync_on_compute=True).to(device)
             for n in self.block_sizes
             if n <= self.num_layers
         }
-        self._handles.append(owner.register_forward_pre_hook(self._on_owner_forward, with_kwargs=True))
+        self._handles.append(self.stack.owner.register_forward_pre_hook(self._on_owner_forward, with_kwargs=True))
         for index, layer in enumerate(layers):
             self._handles.append(layer.register_forward_hook(self._layer_hook(index), with_kwargs=True))
 
@@ -114,8 +113,8 @@ class BlockInfluenceRecorder:
 
     def reset(self) -> None:
         """Zero the accumulated statistics, keep the hooks."""
-        self.block_influence.reset()
-        for metric in self.angular.values():
+        self.bi_metric.reset()
+        for metric in self.angular_metrics.values():
             metric.reset()
 
     def add_block_size(self, block_size: int) -> None:
@@ -124,8 +123,8 @@ class BlockInfluenceRecorder:
             return
         self.block_sizes = tuple(sorted({*self.block_sizes, block_size}))
         if block_size <= self.num_layers:
-            device = self.block_influence.total.device
-            self.angular[block_size] = AngularDistance(self.num_layers, block_size, sync_on_compute=True).to(device)
+            device = self.bi_metric.total.device
+            self.angular_metrics[block_size] = AngularDistance(self.num_layers, block_size, sync_on_compute=True).to(device)
 
     @contextlib.contextmanager
     def recording(self, enabled: bool = True) -> Iterator[BlockInfluenceRecorder]:
@@ -191,10 +190,10 @@ class BlockInfluenceRecorder:
             with torch.no_grad():
                 positions, mask = self._token_selection(inputs)
                 rows_in, rows_out = self._rows(inputs, positions), self._rows(outputs, positions)
-                self.block_influence.update(index, rows_in, rows_out, mask)
-                if self.angular:
+                self.bi_metric.update(index, rows_in, rows_out, mask)
+                if self.angular_metrics:
                     self._inputs[index] = rows_in
-                    for n, metric in self.angular.items():
+                    for n, metric in self.angular_metrics.items():
                         first = index - n + 1
                         if first in self._inputs:
                             metric.update(first, self._inputs[first], rows_out, mask)

@@ -11,11 +11,14 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
-__all__ = ["GradualSchedule", "PruneSchedule", "split_evenly", "unmeasured_events"]
+from lp_callbacks.validation import check_int
+
+__all__ = ["GradualSchedule", "PruneSchedule", "plan_removals", "split_evenly", "unmeasured_events"]
 
 
 def _int_list(name: str, values: Sequence[int], minimum: int) -> tuple[int, ...]:
@@ -39,9 +42,7 @@ class GradualSchedule:
 
     def __post_init__(self) -> None:
         for name in ("start_step", "end_step", "num_events"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`gradual.{name}` must be a positive int, got {value!r}.")
+            check_int(f"gradual.{name}", getattr(self, name), minimum=1)
         if self.num_events > 1 and self.end_step - self.start_step < self.num_events - 1:
             raise ValueError(
                 f"`gradual` needs end_step - start_step >= num_events - 1 to place {self.num_events} distinct events,"
@@ -96,6 +97,80 @@ class PruneSchedule:
     def event_ids(self) -> list[str]:
         """Stable names of the events, kept in checkpoints to know which already fired."""
         return [f"step:{s}" for s in self.steps] + [f"epoch:{e}" for e in self.epochs]
+
+    def events_before(self, step: int, epoch: int) -> list[str]:
+        """The events at or before optimizer step ``step``, or before epoch ``epoch`` (where a checkpoint is)."""
+        return [f"step:{s}" for s in self.steps if s <= step] + [f"epoch:{e}" for e in self.epochs if e < epoch]
+
+    def check_limits(self, max_steps: int | None, max_epochs: int | None) -> None:
+        """Refuse events that a run with these Trainer limits (``None`` or ``-1``: no limit) never reaches."""
+        late = [s for s in self.steps if max_steps is not None and max_steps > 0 and s > max_steps]
+        if late:
+            raise ValueError(f"`at_steps`/`gradual` has steps {late} past the Trainer's max_steps={max_steps}; they would never fire.")
+        late = [e for e in self.epochs if max_epochs is not None and max_epochs > 0 and e >= max_epochs]
+        if late:
+            raise ValueError(f"`at_epochs` has epochs {late} that a run of max_epochs={max_epochs} never ends (epochs are 0-based).")
+
+
+def plan_removals(
+    schedule: PruneSchedule,
+    amount: tuple[str, float],
+    present: Sequence[int],
+    num_layers: int,
+    protected: Collection[int],
+    min_layers: int,
+    done: Mapping[str, int],
+    refuse: Callable[[str], NoReturn],
+    resumed_at: tuple[int, int] = (0, 0),
+    equal_counts: bool = False,
+) -> dict[str, int]:
+    """How many blocks each event removes: ``event id -> count``, validated against the model before any step.
+
+    Args:
+        schedule: the events.
+        amount: ``("num_layers", total)``, ``("fraction", of the original depth)`` or ``("layers_per_event", n)``.
+        present: original indices of the blocks the model holds (after the removals already applied).
+        num_layers: the original depth.
+        protected: original indices that are never removed.
+        min_layers: the model keeps at least this many blocks.
+        done: ``event id -> count`` of the events already applied (a resumed run); they keep what they removed,
+            the others must lie after the checkpoint and share what is left of the total.
+        refuse: raises for a plan that does not fit the resumed run (the message shows both plans).
+        resumed_at: ``(global_step, epoch)`` of the checkpoint.
+        equal_counts: every event removes as many blocks (one contiguous run each, Gromov).
+    """
+    step, epoch = resumed_at
+    future = [e for e in schedule.event_ids() if e not in done]
+    past = [e for e in schedule.events_before(step, epoch) if e not in done]
+    if past:
+        refuse(f"events {past} lie at or before the checkpoint (step {step}, epoch {epoch}) and never fired")
+    already = sum(done.values())
+    if min_layers >= num_layers:
+        raise ValueError(f"`min_layers` must be below the model's {num_layers} decoder layers, got {min_layers}.")
+    name, value = amount
+    if name == "layers_per_event":
+        counts = [int(value)] * len(future)
+    else:
+        total = int(value) if name == "num_layers" else math.floor(value * num_layers + 0.5)
+        if total < 1:
+            raise ValueError(f"`fraction={value}` of {num_layers} layers removes no layer; raise it.")
+        left = total - already
+        if left < 0 or (left > 0 and not future):
+            refuse(f"the total of {total} blocks does not fit the {already} removed already and {len(future)} events to come")
+        if left < len(future):
+            to_come = " to come" if done else ""
+            raise ValueError(f"{left} layer(s) to remove cannot be spread over {len(future)} events{to_come}; give fewer events.")
+        counts = split_evenly(left, len(future)) if future else []
+    removable = len([i for i in present if i not in protected])
+    if sum(counts) > removable or len(present) - sum(counts) < min_layers:
+        raise ValueError(
+            f"cannot remove {already + sum(counts)} of the model's {num_layers} decoder layers: at most"
+            f" {already + min(removable, len(present) - min_layers)} can go (min_layers={min_layers},"
+            f" {len(protected)} protected: {sorted(protected)}); {max(min_layers, len(protected))} must remain."
+        )
+    if equal_counts and len(set(counts)) > 1:
+        raise ValueError(f"`criterion='angular'` removes one contiguous block per event: give a total divisible by the {len(future)} events (got {counts}).")
+    return {**done, **dict(zip(future, counts))}
 
 
 def split_evenly(total: int, parts: int) -> list[int]:

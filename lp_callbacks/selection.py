@@ -1,4 +1,4 @@
-"""Which blocks to remove: pure functions over scores in the model's current numbering.
+"""Which blocks to remove (or freeze): pure functions over scores in the model's current numbering.
 
 Example:
     >>> lowest_scores(torch.tensor([0.9, 0.1, 0.3, 0.05]), 2, protected={3})
@@ -9,12 +9,13 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection
 
 import torch
 from torch import Tensor
 
-__all__ = ["CRITERIA", "best_contiguous_block", "last_layers", "lowest_scores", "random_layers"]
+__all__ = ["CRITERIA", "best_contiguous_block", "highest_scores", "last_layers", "lowest_scores", "random_layers"]
 
 #: Selection criteria of :class:`~lp_callbacks.callbacks.LayerPruneCallback`.
 CRITERIA: tuple[str, ...] = ("block_influence", "angular", "last", "random")
@@ -31,6 +32,12 @@ def _check_enough(k: int, candidates: list[int], num_layers: int, protected: Col
         )
 
 
+def _lowest(values: Tensor, k: int, candidates: list[int]) -> list[int]:
+    """The ``k`` candidates with the lowest value (ties: lower index first), sorted."""
+    order = torch.argsort(values[candidates], stable=True)[:k]
+    return sorted(candidates[i] for i in order.tolist())
+
+
 def lowest_scores(scores: Tensor, k: int, protected: Collection[int] = ()) -> list[int]:
     """ShortGPT: the ``k`` unprotected layers with the lowest score (NaN = not measured = never chosen), sorted.
 
@@ -44,9 +51,20 @@ def lowest_scores(scores: Tensor, k: int, protected: Collection[int] = ()) -> li
             f"cannot choose {k} layers by score: only {len(measured)} unprotected layers have a measured (finite)"
             f" score, got {scores.tolist()}."
         )
-    values = torch.nan_to_num(scores.double()[candidates], nan=float("inf"))
-    order = torch.argsort(values, stable=True)[:k]
-    return sorted(candidates[i] for i in order.tolist())
+    return _lowest(torch.nan_to_num(scores.double(), nan=math.inf), k, candidates)
+
+
+def highest_scores(scores: Tensor, k: int, protected: Collection[int] = ()) -> list[int]:
+    """The ``k`` unprotected layers with the highest score, sorted; NaN (not measured) counts as the highest, so an
+    unmeasured layer is chosen first (what to keep safe), the opposite of :func:`lowest_scores`.
+
+    Example:
+        >>> highest_scores(torch.tensor([0.9, float("nan"), 0.3, 0.9]), 2)
+        [0, 1]
+    """
+    candidates = _candidates(len(scores), protected)
+    _check_enough(k, candidates, len(scores), protected)
+    return _lowest(-torch.nan_to_num(scores.double(), nan=math.inf), k, candidates)
 
 
 def best_contiguous_block(distances: Tensor, block_size: int, num_layers: int, protected: Collection[int] = ()) -> list[int]:

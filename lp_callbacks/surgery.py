@@ -1,4 +1,4 @@
-"""Layer surgery on Hugging Face decoders: remove blocks physically, freeze or unfreeze them, prune the optimizer.
+"""Layer surgery on Hugging Face decoders: remove blocks physically (and put them back), prune the optimizer.
 
 :func:`drop_layers` leaves a model that is indistinguishable from one built with fewer layers: the block
 ``ModuleList`` is rebuilt from the surviving module objects (so optimizers keep pointing at the same parameters),
@@ -29,10 +29,11 @@ from torch import nn
 
 from lp_callbacks.architectures import (
     ARCHITECTURES,
+    MOE_DENSE_LAYERS_FIELD,
     Architecture,
-    get_decoder_layers,
-    get_layers_owner,
-    resolve_layers_path,
+    DecoderStack,
+    decoder_stack,
+    qwen_moe_layout,
 )
 
 __all__ = [
@@ -40,15 +41,12 @@ __all__ = [
     "drop_emptied_param_groups",
     "drop_layers",
     "drop_optimizer_params",
-    "freeze_layers",
-    "original_layer_indices",
-    "removed_layer_indices",
+    "original_indices",
+    "removed_original_indices",
     "restore_layers",
-    "unfreeze_layers",
 ]
 
-# The Qwen-MoE rule's list of blocks forced dense (see `Architecture.moe_sparse_step_field`).
-_MLP_ONLY_FIELD = "mlp_only_layers"
+Model = nn.Module | DecoderStack  # a model, a module holding one, or its resolved stack
 
 
 def _validate_indices(indices: Sequence[int], num_layers: int) -> list[int]:
@@ -78,49 +76,45 @@ def _validate_indices(indices: Sequence[int], num_layers: int) -> list[int]:
     return sorted(values)
 
 
-def _find_architecture(root: nn.Module) -> Architecture | None:
+def _surgery_architecture(stack: DecoderStack) -> Architecture | None:
     """The table entry of an HF model; ``None`` for a plain ``nn.Module``; refuses an HF family not in the table."""
-    from transformers import PreTrainedModel
-
-    if not isinstance(root, PreTrainedModel):
+    if not stack.is_hf:
         return None  # custom model reached through `layers_path`: no config to keep in step
-    model_type = getattr(root.config, "model_type", None)
-    arch = ARCHITECTURES.get(model_type or "")
-    if arch is None:
+    if stack.arch is None:
         raise ValueError(
-            f"drop_layers does not know the per-layer config fields of {type(root).__name__}"
-            f" (model_type={model_type!r}), so it cannot keep the model consistent after surgery. Supported model"
-            f" types: {', '.join(sorted(ARCHITECTURES))}. Add the family to lp_callbacks.architectures.ARCHITECTURES."
+            f"drop_layers does not know the per-layer config fields of {type(stack.root).__name__}"
+            f" (model_type={stack.model_type!r}), so it cannot keep the model consistent after surgery. Supported"
+            f" model types: {', '.join(sorted(ARCHITECTURES))}. Add the family to"
+            " lp_callbacks.architectures.ARCHITECTURES."
         )
-    return arch
+    return stack.arch
 
 
-def check_removal_supported(model: nn.Module, layers_path: str | None = None) -> str | None:
+def check_removal_supported(model: Model, layers_path: str | None = None) -> str | None:
     """What :func:`drop_layers` would refuse, known before any removal: call it at setup.
 
     Raises the ``ValueError`` of an HF family missing from the architecture table (its per-layer config fields are
     unknown). Returns why a surviving block cannot take a new index exactly (for example GPT-2 with
     ``scale_attn_by_inverse_layer_idx=True``: only trailing blocks can go), or ``None`` when any removal is exact.
     """
-    root, _ = resolve_layers_path(model, layers_path)
-    arch = _find_architecture(root)
+    stack = decoder_stack(model, layers_path)
+    arch = _surgery_architecture(stack)
     if arch is None or arch.renumber_refusal is None:
         return None
-    owner = get_layers_owner(model, layers_path)
-    reasons = [arch.renumber_refusal(config) for config in _decoder_configs(root, owner)]
+    reasons = [arch.renumber_refusal(config) for config in _decoder_configs(stack)]
     return next((reason for reason in reasons if reason is not None), None)
 
 
-def _decoder_configs(root: nn.Module, owner: nn.Module) -> list[Any]:
+def _decoder_configs(stack: DecoderStack) -> list[Any]:
     """Every distinct config object that describes this decoder stack (usually exactly one, shared by all modules)."""
     from transformers import PretrainedConfig
 
     candidates: list[Any] = []
-    root_config = getattr(root, "config", None)
+    root_config = getattr(stack.root, "config", None)
     if isinstance(root_config, PretrainedConfig):
         # multimodal models (Gemma3): the decoder's fields live in `config.text_config`
         candidates.append(root_config.get_text_config(decoder=True))
-    for module in owner.modules():  # attention modules keep `self.config` too; it must be the same object
+    for module in stack.owner.modules():  # attention modules keep `self.config` too; it must be the same object
         config = module.__dict__.get("config")
         if isinstance(config, PretrainedConfig):
             candidates.append(config)
@@ -148,11 +142,6 @@ def _plan_layer_idx(layers: nn.ModuleList, kept: list[int]) -> list[tuple[nn.Mod
             if new_idx != old_idx:
                 updates.append((module, new_idx))
     return updates
-
-
-def _has_experts(idx: int, step: int, mlp_only: set[int], num_experts: int) -> bool:
-    # Qwen2MoeDecoderLayer / Qwen3MoeDecoderLayer.__init__
-    return idx not in mlp_only and num_experts > 0 and (idx + 1) % step == 0
 
 
 def _plan_config(config: Any, arch: Architecture, num_layers: int, kept: list[int]) -> dict[str, Any]:
@@ -206,14 +195,14 @@ def _plan_config(config: Any, arch: Architecture, num_layers: int, kept: list[in
     if step is not None:
         # Which block has experts is decided from layer_idx at construction; the reloaded model must match.
         num_experts = getattr(config, "num_experts", 1) or 0
-        old_mlp_only = set(getattr(config, _MLP_ONLY_FIELD, None) or ())
-        wanted = [_has_experts(i, step, old_mlp_only, num_experts) for i in kept]
-        new_mlp_only = set(updates.get(_MLP_ONLY_FIELD, ()))
-        if [_has_experts(j, step, new_mlp_only, num_experts) for j in range(len(kept))] != wanted:
+        old_layout = qwen_moe_layout(step, set(getattr(config, MOE_DENSE_LAYERS_FIELD, None) or ()), num_experts, num_layers)
+        wanted = [old_layout[i] for i in kept]
+        new_dense = set(updates.get(MOE_DENSE_LAYERS_FIELD, ()))
+        if qwen_moe_layout(step, new_dense, num_experts, len(kept)) != wanted:
             # `step` would pick other blocks after renumbering: state the same layout explicitly instead
             # (every block sparse unless listed dense), which reloads to exactly these blocks.
             updates[step_field] = 1
-            updates[_MLP_ONLY_FIELD] = [j for j, sparse in enumerate(wanted) if not sparse]
+            updates[MOE_DENSE_LAYERS_FIELD] = [j for j, sparse in enumerate(wanted) if not sparse]
 
     updates["num_hidden_layers"] = len(kept)  # last: maps to `n_layer` for GPT-2 through `attribute_map`
     return updates
@@ -229,20 +218,20 @@ _ORIGINAL_CONFIGS = "_lp_original_configs"
 _ORIGINAL_INDEX = "_lp_original_index"
 
 
-def original_layer_indices(model: nn.Module, layers_path: str | None = None) -> list[int]:
+def original_indices(model: Model, layers_path: str | None = None) -> list[int]:
     """The original index of each current block: ``[0, 1, ..., L-1]`` until blocks are removed.
 
     The first call on a model labels its blocks with their current positions; :func:`drop_layers` keeps the
     survivors' labels, so after removing blocks 2 and 5 of 8 this returns ``[0, 1, 3, 4, 6, 7]``.
     """
-    layers = get_decoder_layers(model, layers_path)
+    layers = decoder_stack(model, layers_path).layers
     for position, layer in enumerate(layers):
         if not hasattr(layer, _ORIGINAL_INDEX):
             setattr(layer, _ORIGINAL_INDEX, position)
     return [getattr(layer, _ORIGINAL_INDEX) for layer in layers]
 
 
-def drop_layers(model: nn.Module, indices: Sequence[int], layers_path: str | None = None) -> list[int]:
+def drop_layers(model: Model, indices: Sequence[int], layers_path: str | None = None) -> list[int]:
     """Remove decoder blocks physically, in place, and keep the model consistent.
 
     The survivors are the same module objects (optimizer param identity is kept, see :func:`drop_optimizer_params`
@@ -253,8 +242,9 @@ def drop_layers(model: nn.Module, indices: Sequence[int], layers_path: str | Non
     ``from_pretrained`` rebuilds the same model. Everything is checked before anything changes.
 
     Args:
-        model: an HF model, or a module holding one (LightningModule, PEFT, ``torch.compile``, DDP); a custom model
-            when ``layers_path`` is given (then only the list and ``layer_idx`` attributes are updated).
+        model: an HF model, or a module holding one (LightningModule, PEFT, ``torch.compile``, DDP), or its
+            :class:`~lp_callbacks.architectures.DecoderStack`; a custom model when ``layers_path`` is given (then
+            only the list and ``layer_idx`` attributes are updated).
         indices: positions of the blocks to remove, in the model's CURRENT numbering (after earlier removals).
             Unique ints in ``[0, num_layers - 1]``; may be empty (nothing happens); must not cover every block.
         layers_path: dotted path of the block ``ModuleList`` for models not in the architecture table.
@@ -276,27 +266,26 @@ def drop_layers(model: nn.Module, indices: Sequence[int], layers_path: str | Non
         >>> model.config.n_layer, len(model.transformer.h)
         (3, 3)
     """
-    root, _ = resolve_layers_path(model, layers_path)
-    layers = get_decoder_layers(model, layers_path)
-    owner = get_layers_owner(model, layers_path)
+    stack = decoder_stack(model, layers_path)
+    layers = stack.layers
     num_layers = len(layers)
     removed = _validate_indices(indices, num_layers)
     if len(removed) == num_layers:
         raise ValueError(
             f"`indices` would remove all {num_layers} decoder layers (got {removed}); at least one must remain."
         )
-    arch = _find_architecture(root)
+    arch = _surgery_architecture(stack)
     kept = sorted(set(range(num_layers)) - set(removed))
     if not removed:
         return kept
 
     # Plan everything first: a refusal must leave the model untouched.
     config_updates = [] if arch is None else [
-        (config, _plan_config(config, arch, num_layers, kept)) for config in _decoder_configs(root, owner)
+        (config, _plan_config(config, arch, num_layers, kept)) for config in _decoder_configs(stack)
     ]
     idx_updates = _plan_layer_idx(layers, kept)
 
-    originals = original_layer_indices(model, layers_path)  # label the blocks before they move
+    originals = original_indices(stack)  # label the blocks before they move
     if _ORIGINAL_CONFIGS not in layers.__dict__:  # what restore_layers rebuilds configs from
         layers.__dict__[_ORIGINAL_CONFIGS] = [(config, copy.deepcopy(config)) for config, _ in config_updates]
     removed_blocks = layers.__dict__.setdefault(_REMOVED_BLOCKS, {})
@@ -307,18 +296,22 @@ def drop_layers(model: nn.Module, indices: Sequence[int], layers_path: str | Non
     layers.extend(survivors)
     for module, new_idx in idx_updates:
         module.layer_idx = new_idx
-    for config, updates in config_updates:
-        for name, value in updates.items():
-            setattr(config, name, value)
+    _apply_config_updates(config_updates)
     return kept
 
 
-def removed_layer_indices(model: nn.Module, layers_path: str | None = None) -> list[int]:
+def _apply_config_updates(config_updates: list[tuple[Any, dict[str, Any]]]) -> None:
+    for config, updates in config_updates:
+        for name, value in updates.items():
+            setattr(config, name, value)
+
+
+def removed_original_indices(model: Model, layers_path: str | None = None) -> list[int]:
     """Original indices of the blocks :func:`drop_layers` removed from ``model`` in this process (restorable)."""
-    return sorted(get_decoder_layers(model, layers_path).__dict__.get(_REMOVED_BLOCKS, {}))
+    return sorted(decoder_stack(model, layers_path).layers.__dict__.get(_REMOVED_BLOCKS, {}))
 
 
-def restore_layers(model: nn.Module, originals: Sequence[int], layers_path: str | None = None) -> list[int]:
+def restore_layers(model: Model, originals: Sequence[int], layers_path: str | None = None) -> list[int]:
     """Put back blocks that :func:`drop_layers` removed, by original index, with *uninitialised* weights.
 
     For loading a checkpoint written before the removal into the pruned model: call ``load_state_dict`` right
@@ -331,9 +324,10 @@ def restore_layers(model: nn.Module, originals: Sequence[int], layers_path: str 
     Raises:
         ValueError: a block was not removed by :func:`drop_layers` from this model in this process.
     """
-    layers = get_decoder_layers(model, layers_path)
+    stack = decoder_stack(model, layers_path)
+    layers = stack.layers
     stash = layers.__dict__.get(_REMOVED_BLOCKS, {})
-    present = original_layer_indices(model, layers_path)
+    present = original_indices(stack)
     wanted = sorted(set(originals) - set(present))
     unknown = [o for o in wanted if o not in stash]
     if unknown:
@@ -343,8 +337,7 @@ def restore_layers(model: nn.Module, originals: Sequence[int], layers_path: str 
         )
     if not wanted:
         return present
-    root, _ = resolve_layers_path(model, layers_path)
-    arch = _find_architecture(root)
+    arch = _surgery_architecture(stack)
     reference = next(layers[0].parameters())
     blocks = dict(zip(present, layers))
     blocks.update({o: stash[o].to_empty(device=reference.device) for o in wanted})
@@ -361,55 +354,8 @@ def restore_layers(model: nn.Module, originals: Sequence[int], layers_path: str 
         for module in block.modules():
             if isinstance(module.__dict__.get("layer_idx"), int):
                 module.layer_idx = new_idx
-    for config, updates in config_updates:
-        for name, value in updates.items():
-            setattr(config, name, value)
+    _apply_config_updates(config_updates)
     return kept
-
-
-def _set_requires_grad(model: nn.Module, indices: Sequence[int], layers_path: str | None, flag: bool) -> None:
-    layers = get_decoder_layers(model, layers_path)
-    for i in _validate_indices(indices, len(layers)):
-        for param in layers[i].parameters():
-            param.requires_grad_(flag)
-
-
-def freeze_layers(model: nn.Module, indices: Sequence[int], layers_path: str | None = None) -> None:
-    """Stop training the given decoder blocks (``requires_grad=False`` on all their parameters).
-
-    Args:
-        model: an HF model or a module holding one (see :func:`drop_layers`).
-        indices: unique block positions in ``[0, num_layers - 1]``, current numbering.
-        layers_path: dotted path of the block ``ModuleList`` for models not in the architecture table.
-
-    Example:
-        >>> from transformers import LlamaConfig, LlamaForCausalLM
-        >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-        ...                                      num_attention_heads=4, vocab_size=128))
-        >>> freeze_layers(model, [0, 1])
-        >>> any(p.requires_grad for p in model.model.layers[0].parameters())
-        False
-    """
-    _set_requires_grad(model, indices, layers_path, False)
-
-
-def unfreeze_layers(model: nn.Module, indices: Sequence[int], layers_path: str | None = None) -> None:
-    """Train the given decoder blocks again (``requires_grad=True`` on all their parameters).
-
-    Args:
-        model: an HF model or a module holding one (see :func:`drop_layers`).
-        indices: unique block positions in ``[0, num_layers - 1]``, current numbering.
-        layers_path: dotted path of the block ``ModuleList`` for models not in the architecture table.
-
-    Example:
-        >>> from transformers import LlamaConfig, LlamaForCausalLM
-        >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-        ...                                      num_attention_heads=4, vocab_size=128))
-        >>> freeze_layers(model, [0]); unfreeze_layers(model, [0])
-        >>> all(p.requires_grad for p in model.model.layers[0].parameters())
-        True
-    """
-    _set_requires_grad(model, indices, layers_path, True)
 
 
 # Per-param-group lists that LR schedulers keep outside the groups (torch.optim.lr_scheduler).
@@ -451,7 +397,12 @@ def drop_emptied_param_groups(
         del optimizer.param_groups[g]
 
 
-def drop_optimizer_params(optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor]) -> int:
+def drop_optimizer_params(
+    optimizer: torch.optim.Optimizer,
+    params: Iterable[torch.Tensor],
+    layout: Sequence[Sequence[torch.Tensor]] | None = None,
+    schedulers: Iterable[Any] | None = None,
+) -> int:
     """Forget ``params`` in ``optimizer``, in place: remove them from ``param_groups`` and their ``state``.
 
     Survivors keep their state (Adam moments, momentum buffers). A group left without parameters stays, with an
@@ -461,6 +412,11 @@ def drop_optimizer_params(optimizer: torch.optim.Optimizer, params: Iterable[tor
     Args:
         optimizer: a ``torch.optim.Optimizer`` (or Lightning's ``LightningOptimizer`` wrapping one).
         params: the tensors to forget, typically ``removed_block.parameters()``; unknown tensors are ignored.
+        layout: per group, the parameters it holds before ``params`` are taken out (default: what it holds now;
+            groups past the end of ``layout`` keep theirs). :class:`~lp_callbacks.LayerFreezeCallback` passes the
+            groups as configured, so a parameter it unfreezes returns to its own group, in order, with no state.
+        schedulers: when given, the groups this call leaves empty are deleted too, with their entries in these LR
+            schedulers of ``optimizer`` (:func:`drop_emptied_param_groups`).
 
     Returns:
         How many parameters were removed from the groups.
@@ -481,11 +437,16 @@ def drop_optimizer_params(optimizer: torch.optim.Optimizer, params: Iterable[tor
         if not isinstance(param, torch.Tensor):
             raise TypeError(f"`params` must hold tensors, got {type(param).__name__}.")
         dead[id(param)] = param
+    filled = [g for g, group in enumerate(param_groups) if group["params"]]
     removed = 0
-    for group in param_groups:
-        alive = [p for p in group["params"] if id(p) not in dead]
-        removed += len(group["params"]) - len(alive)
+    for g, group in enumerate(param_groups):
+        source = layout[g] if layout is not None and g < len(layout) else group["params"]
+        alive = [p for p in source if id(p) not in dead]
+        removed += len(source) - len(alive)
         group["params"] = alive
     for param in dead.values():
         optimizer.state.pop(param, None)  # state is keyed by the tensor itself
+    emptied = [g for g in filled if not param_groups[g]["params"]]
+    if schedulers is not None and emptied:
+        drop_emptied_param_groups(optimizer, emptied, schedulers)
     return removed

@@ -3,7 +3,7 @@ import torch
 from conftest import FAMILIES, LAYERS, MORE_FAMILIES, TinyLM, random_batch, tiny_model
 from torch import nn
 
-from lp_callbacks.architectures import ARCHITECTURES, find_hf_model, get_decoder_layers, get_layers_owner
+from lp_callbacks.architectures import ARCHITECTURES, decoder_stack, find_hf_model, get_decoder_layers
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -13,7 +13,8 @@ def test_every_family_found(family):
     assert isinstance(layers, nn.ModuleList) and len(layers) == LAYERS
     assert model.config.model_type in ARCHITECTURES
     # the owner's forward is the one that receives the 2-D attention mask
-    assert any(layers is child for child in get_layers_owner(model).children()) or layers in get_layers_owner(model).modules()
+    owner = decoder_stack(model).owner
+    assert any(layers is child for child in owner.children()) or layers in owner.modules()
 
 
 def test_base_model_without_head():

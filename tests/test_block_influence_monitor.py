@@ -93,20 +93,56 @@ def test_ema_and_window_follow_recent_steps(tmp_path, aggregation):
     assert not torch.allclose(monitor.block_influence, cumulative.block_influence)
 
 
-def test_logs_per_layer_and_summary(tmp_path):
+def logged_bi(tmp_path, monitor, max_steps):
+    """Train TinyLM with ``monitor`` and a CSVLogger; the CSV rows holding BI."""
     logger = CSVLogger(tmp_path)
-    monitor = BlockInfluenceMonitor(log_every_n_steps=2, threshold=0.5)
-    fast_trainer(tmp_path, callbacks=[monitor], max_steps=4, logger=logger).fit(TinyLM(), loader())
+    fast_trainer(tmp_path, callbacks=[monitor], max_steps=max_steps, logger=logger).fit(TinyLM(), loader())
     logger.finalize("success")
-    rows = list(csv.DictReader(open(tmp_path / "lightning_logs" / "version_0" / "metrics.csv")))
-    logged = [r for r in rows if r.get("block_influence/layer_00")]
+    rows = csv.DictReader(open(tmp_path / "lightning_logs" / "version_0" / "metrics.csv"))
+    return [r for r in rows if r.get("block_influence/layer_00")]
+
+
+def test_logs_per_layer_and_summary(tmp_path):
+    monitor = BlockInfluenceMonitor(log_every_n_steps=2, threshold=0.5)
+    logged = logged_bi(tmp_path, monitor, max_steps=4)
     assert [int(r["step"]) for r in logged] == [1, 2, 4]
     last = logged[-1]
     bi = monitor.block_influence
     assert float(last["block_influence/layer_03"]) == pytest.approx(bi[3].item(), rel=1e-5)
     assert float(last["block_influence/min"]) == pytest.approx(bi.min().item(), rel=1e-5)
     assert float(last["block_influence/num_below_threshold"]) == (bi < 0.5).sum().item()
-    assert [h["step"] for h in monitor.history] == [1, 2, 4]
+    assert [h["step"] for h in monitor.history] == [1, 2, 3, 4]  # every measured step, whatever the cadence
+
+
+def test_history_is_dense_whatever_the_logging_cadence(tmp_path):
+    """Lightning's default log_every_n_steps=50: a 12-step run logs once, its history still has 12 columns."""
+    monitor = BlockInfluenceMonitor()
+    assert [int(r["step"]) for r in logged_bi(tmp_path, monitor, max_steps=12)] == [1]
+    assert [h["step"] for h in monitor.history] == list(range(1, 13))
+    assert all(len(h["block_influence"]) == LAYERS and isinstance(h["block_influence"][0], float) for h in monitor.history)
+    torch.testing.assert_close(torch.tensor(monitor.history[-1]["block_influence"], dtype=torch.float64),
+                               monitor.block_influence, atol=0, rtol=0)
+
+
+def test_long_history_is_thinned_evenly(monkeypatch):
+    from lp_callbacks import metrics
+
+    monkeypatch.setattr(metrics, "HISTORY_SIZE", 10)
+    history = metrics.BIHistory()
+    for step in range(1, 101):
+        history.add(step, [0, 1], torch.tensor([0.1, 0.2], dtype=torch.float64))
+    steps = [h["step"] for h in history.records()]
+    assert len(steps) <= 10 and steps[0] == 1
+    assert len({b - a for a, b in zip(steps, steps[1:])}) == 1  # evenly spaced
+    assert steps[-1] > 100 - (steps[1] - steps[0])  # reaches the end of the run
+    assert history.records()[0]["block_influence"] == [0.1, 0.2]
+
+
+def test_logs_at_the_cadence_when_measured_steps_miss_its_multiples(tmp_path):
+    """every_n_steps=2 finalises at odd steps; log_every_n_steps=4 still logs once per 4 steps."""
+    monitor = BlockInfluenceMonitor(every_n_steps=2, log_every_n_steps=4)
+    assert [int(r["step"]) for r in logged_bi(tmp_path, monitor, max_steps=9)] == [1, 5, 9]
+    assert [h["step"] for h in monitor.history] == [1, 3, 5, 7, 9]
 
 
 def test_checkpoint_resume_no_double_counting(tmp_path):
@@ -160,13 +196,13 @@ def test_non_finite_hidden_states_are_skipped_with_a_warning(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"every_n_steps": 0}, r"`every_n_steps` must be a positive int, got 0"),
-        ({"max_tokens_per_step": -5}, r"`max_tokens_per_step` must be a positive int or None, got -5"),
+        ({"every_n_steps": 0}, r"`every_n_steps` must be an int >= 1, got 0"),
+        ({"max_tokens_per_step": -5}, r"`max_tokens_per_step` must be an int >= 1 or None, got -5"),
         ({"aggregation": "mean"}, r"`aggregation` must be one of \('cumulative', 'ema', 'window'\), got 'mean'"),
-        ({"ema_decay": 1.0}, r"`ema_decay` must be a float in \(0, 1\), got 1.0"),
+        ({"ema_decay": 1.0}, r"`ema_decay` must be a number in \(0, 1\), got 1.0"),
         ({"source": "test"}, r"`source` must be one of"),
         ({"source": "calibration"}, r"needs `calibration_dataloader`"),
-        ({"block_sizes": (0,)}, r"`block_sizes` must be a positive int, got 0"),
+        ({"block_sizes": (0,)}, r"`block_sizes` must be an int >= 1, got 0"),
         ({"threshold": -1}, r"`threshold` must be a number in \[0, 2\]"),
     ],
     ids=lambda v: str(v) if not isinstance(v, dict) else next(iter(v)),

@@ -12,7 +12,7 @@ from lp_callbacks import (
     load_pruned_checkpoint,
     restore_pruned_architecture,
 )
-from lp_callbacks.module import CausalLMModule
+from lp_callbacks.harness.module import CausalLMModule
 
 
 def pruned_run(tmp_path, module=None, max_steps=4, **checkpoint_kwargs):
@@ -104,10 +104,15 @@ def test_restore_is_idempotent_and_refuses_another_model(tmp_path):
 
 
 def test_cli_validate_a_pruned_checkpoint(tmp_path, capsys):
-    from test_cli import run, tiny_args
+    from test_cli import callback, run, tiny_config
 
-    code, _, _ = run(["fit", *tiny_args(tmp_path), "trainer.logger=false", "callbacks.prune={num_layers: 2, at_steps: [2]}"], capsys)
-    assert code == 0
+    def checkpoint(config):
+        config["trainer"]["enable_checkpointing"] = True
+        callback(config, "LayerPruneCallback").update(at_steps=[2], export_dir=None)
+
+    path = tiny_config(tmp_path, checkpoint)
+    code, _, err = run(["fit", "-c", path], capsys)
+    assert code == 0, err
     (ckpt,) = (tmp_path / "run" / "checkpoints").glob("*.ckpt")
-    code, out, err = run(["validate", *tiny_args(tmp_path), "trainer.logger=false", f"ckpt_path={ckpt}"], capsys)
+    code, out, err = run(["validate", "-c", path, f"--ckpt_path={ckpt}"], capsys)
     assert code == 0 and "val_loss" in out, err

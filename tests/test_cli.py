@@ -1,33 +1,51 @@
-"""lp-callbacks CLI: help, config errors that name the key, data errors, fit/validate/measure end to end (tiny)."""
+"""lp-callbacks CLI (a LightningCLI): help, config errors that name the key, construction errors in one line,
+links, --print_config round trip, fit/validate/measure end to end on the tiny config."""
 
 from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 from conftest import write_corpus
 
-from lp_callbacks.cli import byte_tokenizer, main
-from lp_callbacks.config import ConfigError, config_help, load_config
+from lp_callbacks.harness.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = str(ROOT / "configs" / "tiny.yaml")
+TINY = ROOT / "configs" / "tiny.yaml"
 
 
-def tiny_args(tmp_path: Path, *extra: str) -> list[str]:
-    """``-c configs/tiny.yaml`` plus data, cache and output directories under ``tmp_path``."""
-    corpus = write_corpus(tmp_path)
-    return ["-c", TINY, f"data.data_files=[{corpus}]", f"data.cache_dir={tmp_path / 'cache'}",
-            f"trainer.default_root_dir={tmp_path / 'run'}", *extra]
+def load_yaml(path: Path) -> dict[str, Any]:
+    return yaml.safe_load(Path(path).read_text())
+
+
+def callback(config: dict[str, Any], name: str) -> dict[str, Any]:
+    """The ``init_args`` of the callback whose class path ends with ``name`` (created when absent)."""
+    (entry,) = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith(name)]
+    return entry.setdefault("init_args", {})
+
+
+def tiny_config(tmp_path: Path, edit: Any = None, name: str = "tiny.yaml") -> Path:
+    """configs/tiny.yaml with its data, cache, logs and export under ``tmp_path``; ``edit(config)`` changes it."""
+    config = load_yaml(TINY)
+    config["data"]["init_args"].update(data_files=[str(write_corpus(tmp_path))], cache_dir=str(tmp_path / "cache"))
+    config["trainer"].update(default_root_dir=str(tmp_path / "run"), logger=False)
+    callback(config, "LayerPruneCallback")["export_dir"] = str(tmp_path / "pruned")
+    if edit is not None:
+        edit(config)
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
 
 
 def run(argv: list[str], capsys) -> tuple[int, str, str]:
-    code = main(argv)
+    code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -35,35 +53,44 @@ def run(argv: list[str], capsys) -> tuple[int, str, str]:
 # ============================================================================================== help
 
 
-@pytest.mark.parametrize(("command", "key"), [("fit", "callbacks.prune.num_layers"), ("validate", "trainer.max_steps"),
-                                              ("measure", "measure.max_batches")], ids=["fit", "validate", "measure"])
-def test_help_for_each_command(command, key, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main([command, "--help"])
-    assert exc.value.code == 0
-    out = capsys.readouterr().out
-    assert f"lp-callbacks {command}" in out and key in out and "KEY=VALUE" in out
+def test_top_level_help_lists_the_subcommands(capsys):
+    code, out, _ = run(["--help"], capsys)
+    assert code == 0 and out.startswith("usage: lp-callbacks")
+    assert all(name in out for name in ("fit", "validate", "test", "predict", "measure"))
 
 
-def test_top_level_help_lists_commands(capsys):
-    with pytest.raises(SystemExit):
-        main(["--help"])
-    out = capsys.readouterr().out
-    assert all(name in out for name in ("fit", "validate", "measure"))
+@pytest.mark.parametrize(("command", "keys"), [
+    ("fit", ["--trainer.max_steps", "--trainer.callbacks", "--model", "--data", "--ckpt_path", "--print_config"]),
+    ("validate", ["--trainer.limit_val_batches", "--ckpt_path"]),
+    ("measure", ["--split {val,train}", "--max_batches", "--block_sizes", "--max_tokens_per_batch", "--output_dir"]),
+], ids=["fit", "validate", "measure"])
+def test_help_for_each_command(command, keys, capsys):
+    code, out, _ = run([command, "--help"], capsys)
+    assert code == 0 and f"lp-callbacks [options] {command}" in out
+    assert all(key in out for key in keys), [key for key in keys if key not in out]
+
+
+def test_help_of_the_module_and_of_a_callback(capsys):
+    code, out, _ = run(["fit", "--model.help", "CausalLMModule"], capsys)
+    assert code == 0 and "--model.lr_schedule {constant,cosine}" in out and "ModelSpec" in out
+    code, out, _ = run(["fit", "--trainer.callbacks.help", "LayerPruneCallback"], capsys)
+    assert code == 0 and "--trainer.callbacks.num_layers" in out
+    assert "{block_influence,angular,last,random}" in out
 
 
 def test_entry_point_is_declared():
     tomllib = pytest.importorskip("tomllib")
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts == {"lp-callbacks": "lp_callbacks.cli:main"}
+    assert scripts == {"lp-callbacks": "lp_callbacks.harness.cli:main"}
 
 
-def test_config_help_covers_every_section():
-    text = config_help()
-    for key in ("model.smollm2", "model.config", "module.lr", "data.shakespeare", "trainer.max_steps",
-                "callbacks.monitor.every_n_steps", "callbacks.freeze.fraction_frozen", "callbacks.depth.seq_len",
-                "callbacks.checkpoint.every_n_train_steps", "measure.block_sizes"):
-        assert f"{key}:" in text, key
+def test_the_library_does_not_import_the_harness():
+    import subprocess
+    import sys
+
+    code = ("import sys, lp_callbacks; bad = [m for m in sys.modules if m.startswith('lp_callbacks.harness')];"
+            " assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
 # ====================================================================================== config errors
@@ -72,187 +99,248 @@ def test_config_help_covers_every_section():
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
-        ("trainer.max_stepz=3", r"unknown key `trainer.max_stepz`.*max_steps"),
-        ("module.lr=abc", r"`module.lr`.*abc"),
-        ("callbacks.prune.criterion=bogus", r"`callbacks.prune.criterion` must be one of .*'angular'.*bogus"),
-        ("callbacks.monitor.calibration_data=test", r"`callbacks.monitor.calibration_data` must be one of"),
-        ("model.colour=red", r"unknown key `model.colour`"),
+        ("--trainer.max_stepz=3", r"unrecognized arguments: --trainer\.max_stepz=3"),
+        ("--trainer.max_steps=abc", r'"trainer\.max_steps":\s+Expected a <class .int.>\. Got value: abc'),
+        ("--trainer.max_steps=1.5", r'"trainer\.max_steps":\s+Expected a <class .int.>\. Got value: 1\.5'),
+        ("--model.init_args.lr=abc", r'"lr":\s+Expected a <class .float.>\. Got value: abc'),
+        ("--model.init_args.lr_schedule=bogus", r"\"lr_schedule\":\s+Expected a typing\.Literal\['constant', 'cosine'\]"
+                                                r"\. Got value: bogus"),
+        ("--model.init_args.model.smolm2=true", r"Option 'smolm2' is not accepted"),
+        ("--data.init_args.block_sise=3", r"Option 'block_sise' is not accepted"),
+        ("--data.init_args.calibration_split=test", r"\"calibration_split\":.*Literal\['val', 'train'\]"),
     ],
-    ids=["misspelt", "wrong-type", "bad-choice", "bad-choice-cli-field", "unknown-model-key"],
+    ids=["misspelt", "wrong-type", "float-for-int", "wrong-type-module", "bad-choice", "misspelt-model-key",
+         "misspelt-data-key", "bad-choice-data"],
 )
 def test_bad_override_names_the_key(override, expected, capsys):
-    code, _, err = run(["fit", "-c", TINY, override, "--print-config"], capsys)
-    assert code == 2
-    assert override in err  # where it came from
-    assert __import__("re").search(expected, err), err
+    code, out, err = run(["fit", "-c", TINY, override, "--print_config"], capsys)
+    assert code == 2 and out == ""
+    assert re.search(expected, err, re.DOTALL), err
+    assert err.rstrip().endswith("(`lp-callbacks fit --help` lists the keys)") and "usage:" not in err
 
 
-@pytest.mark.parametrize(
-    ("override", "expected"),
-    [
-        ("callbacks.prune.at_steps=3",
-         "`callbacks.prune.at_steps` must be a list of ints or null, e.g. `callbacks.prune.at_steps=[3]`; got 3."),
-        ("callbacks.prune={num_layers: 2, at_steps: 3}",
-         "`callbacks.prune.at_steps` must be a list of ints or null, e.g. `callbacks.prune.at_steps=[3]`; got 3."),
-        ("callbacks.prune.at_steps=[2, x]", "`callbacks.prune.at_steps` must be a list of ints or null; got [2, 'x']."),
-        ("measure.block_sizes={a: 1}", "`measure.block_sizes` must be a list of ints; got {'a': 1}."),
-        ("callbacks.prune=3", "`callbacks.prune` must be a mapping of its keys (a section) or null"
-                              " (`callbacks.prune={}` for the defaults); got 3."),
-        ("trainer.max_steps=1.5", "`trainer.max_steps` must be an int; got 1.5."),
-    ],
-    ids=["scalar-for-list", "inside-a-mapping", "bad-item", "mapping-for-list", "scalar-for-section", "float-for-int"],
-)
-def test_wrong_type_says_key_type_and_value_before_training(tmp_path, override, expected, capsys):
-    code, out, err = run(["fit", *tiny_args(tmp_path), override], capsys)
-    assert code == 2 and out == "" and not (tmp_path / "run").exists()
-    assert err.strip() == f"lp-callbacks fit: error: command line `{override}`: {expected}"  # one line, no jargon
-
-
-def test_wrong_type_in_yaml_gives_a_yaml_example(tmp_path, capsys):
-    path = tmp_path / "bad.yaml"
-    path.write_text("callbacks:\n  prune:\n    num_layers: 2\n    at_steps: 3\n")
-    code, _, err = run(["fit", "-c", TINY, "-c", str(path), "--print-config"], capsys)
-    assert code == 2
-    assert f"{path}: `callbacks.prune.at_steps` must be a list of ints or null, e.g. `at_steps: [3]`; got 3." in err
-
-
-def test_misspelt_key_in_yaml_names_file_and_key(tmp_path, capsys):
+def test_misspelt_key_in_yaml_names_it(tmp_path, capsys):
     path = tmp_path / "bad.yaml"
     path.write_text("trainer:\n  max_epoch: 3\n")
-    code, _, err = run(["fit", "-c", TINY, "-c", str(path), "--print-config"], capsys)
-    assert code == 2 and str(path) in err and "trainer.max_epoch" in err and "max_epochs" in err
+    code, _, err = run(["fit", "-c", TINY, "-c", path, "--print_config"], capsys)
+    assert code == 2 and "Group 'trainer' does not accept option 'max_epoch'" in err
 
 
-def test_callback_refusal_names_the_section(tmp_path, capsys):
-    code, _, err = run(["fit", *tiny_args(tmp_path), "callbacks.prune={num_layers: 0, at_steps: [2]}",
-                        "--print-config"], capsys)
-    assert code == 2 and "callbacks.prune: `num_layers` must be a positive int, got 0" in err
-
-
-def test_dash_dash_overrides_and_print_config(tmp_path, capsys):
-    code, out, _ = run(["fit", *tiny_args(tmp_path), "--trainer.max_steps=7", "--print-config"], capsys)
-    assert code == 0
-    printed = yaml.safe_load(out)
-    assert printed["trainer"]["max_steps"] == 7 and printed["model"]["tokenizer"] == "bytes"
-
-
-def test_not_an_override_is_a_usage_error(capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(["fit", "-c", TINY, "--verbose"])
-    assert exc.value.code == 2
-    assert "unrecognized arguments: --verbose" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize(
-    ("overrides", "expected"),
-    [
-        (["model.config=null"], "model: give exactly one source"),
-        (["model.smollm2=true"], "got smollm2=True, name_or_path=None, config=set"),
-        (["data.data_files=null"], "data: give exactly one of"),
-    ],
-    ids=["no-model", "two-models", "no-data"],
-)
-def test_source_errors(tmp_path, overrides, expected, capsys):
-    code, _, err = run(["fit", *tiny_args(tmp_path), *overrides, "--print-config"], capsys)
-    assert code == 2 and expected in err
+def test_wrong_type_in_a_callback_names_key_and_type(tmp_path, capsys):
+    path = tiny_config(tmp_path, lambda c: callback(c, "LayerPruneCallback").update(at_steps=3))
+    code, _, err = run(["fit", "-c", path, "--print_config"], capsys)
+    assert code == 2
+    assert re.search(r"LayerPruneCallback'.*Parser key \"at_steps\".*Expected a <class 'collections.abc.Sequence'>"
+                     r".*Given value: 3", err, re.DOTALL), err
 
 
 def test_missing_config_file(capsys):
     code, _, err = run(["fit", "-c", "no/such.yaml"], capsys)
-    assert code == 2 and "config file not found: no/such.yaml" in err
+    assert code == 2 and "File does not exist" in err and "no/such.yaml" in err
 
 
-def test_load_config_merges_in_order(tmp_path):
-    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
-    first.write_text("trainer: {max_steps: 5, log_every_n_steps: 2}\n")
-    second.write_text("trainer: {max_steps: 9}\n")
-    cfg = load_config([first, second], ["trainer.log_every_n_steps=3"])
-    assert (cfg.trainer.max_steps, cfg.trainer.log_every_n_steps) == (9, 3)
-    with pytest.raises(ConfigError, match="not an override of the form key=value"):
-        load_config([], ["trainer.max_steps"])
+# ======================================================== construction errors: one line, before training
 
 
-# ============================================================================== model and data errors
+def construction_error(tmp_path: Path, capsys, edit: Any, command: str = "fit") -> str:
+    code, out, err = run([command, "-c", tiny_config(tmp_path, edit)], capsys)
+    assert code == 2, err
+    assert not (tmp_path / "run").exists()  # refused before any training step
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"lp-callbacks {command}: error: ")
+    return lines[0]
 
 
-def test_random_model_field_typo(tmp_path, capsys):
-    code, _, err = run(["fit", *tiny_args(tmp_path), "model.config.hidden_sise=16"], capsys)
-    assert code == 2 and "model.config: LlamaConfig has no field `hidden_sise` (did you mean `hidden_size`?)" in err
+def test_callback_refusal_names_the_callback(tmp_path, capsys):
+    line = construction_error(tmp_path, capsys, lambda c: callback(c, "LayerPruneCallback").update(num_layers=0))
+    assert re.search(r"error: LayerPruneCallback: `num_layers` must be .*, got 0\.$", line), line
 
 
-def test_tokenizer_larger_than_vocabulary(tmp_path, capsys):
-    code, _, err = run(["fit", *tiny_args(tmp_path), "model.config.vocab_size=100"], capsys)
-    assert code == 2 and "the tokenizer has 259 tokens but the model's embeddings hold 100" in err
+def test_module_refusal_names_the_module(tmp_path, capsys):
+    line = construction_error(tmp_path, capsys, lambda c: c["model"]["init_args"].update(lr=0))
+    assert line.endswith("error: CausalLMModule: `lr` must be a number > 0, got 0.0.")
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (lambda c: c["model"]["init_args"]["model"].pop("config"), r"CausalLMModule: give exactly one model source: .*none"),
+        (lambda c: c["model"]["init_args"]["model"].update(smollm2=True),
+         r"CausalLMModule: give exactly one model source: .*\['smollm2', 'config'\]"),
+        (lambda c: c["data"]["init_args"].update(data_files=None), r"TextDataModule: Give exactly one of `data_files`"),
+        (lambda c: c["model"]["init_args"]["model"]["config"].update(hidden_sise=16),
+         r"CausalLMModule: `config`: LlamaConfig has no field `hidden_sise` \(did you mean `hidden_size`\?\)"),
+        (lambda c: c["model"]["init_args"]["model"]["config"].update(vocab_size=100),
+         r"the tokenizer has 259 tokens but the model's embeddings hold 100"),
+    ],
+    ids=["no-model", "two-models", "no-data", "config-field-typo", "tokenizer-too-large"],
+)
+def test_source_errors(tmp_path, capsys, edit, expected):
+    assert re.search(expected, construction_error(tmp_path, capsys, edit))
 
 
 def test_empty_data_file_is_a_clear_error(tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    code, _, err = run(["fit", *tiny_args(tmp_path), f"data.data_files=[{empty}]"], capsys)
-    assert code == 2 and f"data.data_files: Data file is empty: {empty}" in err
+    line = construction_error(tmp_path, capsys, lambda c: c["data"]["init_args"].update(data_files=[str(empty)]))
+    assert line.endswith(f"TextDataModule: Data file is empty: {empty}")
 
 
 def test_missing_data_file_is_a_clear_error(tmp_path, capsys):
     missing = tmp_path / "nope.txt"
-    code, _, err = run(["measure", *tiny_args(tmp_path), f"data.data_files={missing}"], capsys)
-    assert code == 2 and f"data.data_files: Data file not found: {missing}" in err
+    line = construction_error(tmp_path, capsys, lambda c: c["data"]["init_args"].update(data_files=str(missing)),
+                              command="measure")
+    assert line.endswith(f"TextDataModule: Data file not found: {missing}")
 
 
 @pytest.mark.parametrize(
-    ("overrides", "key", "shown"),
+    ("fields", "what", "shown"),
     [
-        (["model.config=null", "model.name_or_path=./no/such/model"], "model.name_or_path", "./no/such/model"),
-        (["model.config=null", "model.name_or_path={missing}"], "model.name_or_path", "{missing}"),
-        (["model.tokenizer=./no/such/tokenizer"], "model.tokenizer", "./no/such/tokenizer"),
+        ({"config": None, "name_or_path": "./no/such/model"}, "Model directory", "./no/such/model"),
+        ({"config": None, "name_or_path": "{missing}"}, "Model directory", "{missing}"),
+        ({"tokenizer": "./no/such/tokenizer"}, "Tokenizer directory", "./no/such/tokenizer"),
     ],
     ids=["relative-model-dir", "absolute-model-dir", "tokenizer-dir"],
 )
-def test_missing_model_directory_is_one_line(tmp_path, overrides, key, shown, capsys):
+def test_missing_model_directory_is_one_line(tmp_path, capsys, fields, what, shown):
     missing = str(tmp_path / "nope")
-    overrides = [o.format(missing=missing) for o in overrides]
-    code, _, err = run(["fit", *tiny_args(tmp_path), *overrides], capsys)
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert f"{key}: " in lines[0] and "directory not found: " + shown.format(missing=missing) in lines[0]
+    fields = {k: v.format(missing=missing) if isinstance(v, str) else v for k, v in fields.items()}
+    line = construction_error(tmp_path, capsys, lambda c: c["model"]["init_args"]["model"].update(fields))
+    assert f"CausalLMModule: {what} not found: {shown.format(missing=missing)}" in line
 
 
-def test_byte_tokenizer_round_trips():
-    tok = byte_tokenizer()
-    text = "Thou art more lovely — ünïcødé\n"
-    ids = tok(text)["input_ids"]
-    assert len(tok) == 259 and tok.eos_token_id == 2 and tok.pad_token_id == 0
-    assert len(ids) == len(text.encode("utf-8")) and tok.decode(ids) == text
+# ============================================================================ merging and --print_config
+
+
+def test_config_files_merge_in_order_and_overrides_win(tmp_path, capsys):
+    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    first.write_text("trainer: {max_steps: 5, log_every_n_steps: 2}\n")
+    second.write_text("trainer: {max_steps: 9}\n")
+    code, out, _ = run(["fit", "-c", TINY, "-c", first, "-c", second, "--trainer.log_every_n_steps=3",
+                        "--print_config"], capsys)
+    printed = yaml.safe_load(out)
+    assert code == 0 and (printed["trainer"]["max_steps"], printed["trainer"]["log_every_n_steps"]) == (9, 3)
+    assert printed["model"]["init_args"]["model"]["tokenizer"] == "bytes"
+
+
+def test_omegaconf_interpolation(tmp_path, capsys):
+    path = tiny_config(tmp_path, lambda c: callback(c, "LayerPruneCallback").update(
+        export_dir="${trainer.default_root_dir}/pruned"))
+    code, out, err = run(["fit", "-c", path, "--print_config"], capsys)
+    assert code == 0, err
+    export = callback(yaml.safe_load(out), "LayerPruneCallback")["export_dir"]
+    assert export == f"{tmp_path / 'run'}/pruned"
+
+
+def test_printed_config_runs_unchanged(tmp_path, capsys):
+    code, out, err = run(["fit", "-c", tiny_config(tmp_path), "--trainer.max_steps=4", "--print_config"], capsys)
+    assert code == 0, err
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(out)
+    code, again, _ = run(["fit", "-c", printed, "--print_config"], capsys)
+    assert code == 0 and again == out  # a fixed point: nothing is lost or added by printing
+    code, out, err = run(["fit", "-c", printed], capsys)
+    assert code == 0, err
+    assert "lp-callbacks fit: 4 optimizer steps" in out and "4 decoder blocks at the end (of 6)" in out
 
 
 # ============================================================================================ end to end
 
 
-def test_fit_prunes_exports_and_plots(tmp_path, capsys):
-    export = tmp_path / "pruned"
-    code, out, _ = run(["fit", *tiny_args(tmp_path), "trainer.logger=false", "callbacks.monitor={}",
-                        f"callbacks.prune={{num_layers: 2, at_steps: [2, 4], export_dir: {export}}}",
-                        "callbacks.depth={}"], capsys)
-    assert code == 0
-    assert "6 optimizer steps" in out and "4 decoder blocks at the end (of 6)" in out and str(export) in out
+def test_fit_prunes_exports_the_linked_tokenizer_and_plots(tmp_path, capsys):
+    code, out, err = run(["fit", "-c", tiny_config(tmp_path)], capsys)
+    assert code == 0, err
+    assert "6 optimizer steps" in out and "4 decoder blocks at the end (of 6)" in out
+    assert f"pruned model:  {tmp_path / 'pruned'}" in out
     depth = tmp_path / "run" / "depth"
     assert {p.name for p in depth.iterdir()} >= {"bi_heatmap.png", "bi_profile.png", "events.png", "summary.json"}
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(export)
-    assert model.config.num_hidden_layers == 4 and (export / "tokenizer.json").is_file()
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
+    assert model.config.num_hidden_layers == 4
+    assert len(AutoTokenizer.from_pretrained(tmp_path / "pruned")) == 259  # the model's tokenizer, by the link
+    assert (tmp_path / "run" / "config.yaml").is_file()  # LightningCLI saves the config of the run
+
+
+def test_csv_logger_of_the_config_writes_metrics(tmp_path, capsys):
+    def csv_logger(config):
+        config["trainer"]["logger"] = {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                                       "init_args": {"save_dir": str(tmp_path / "logs")}}
+        config["trainer"]["callbacks"] = []
+
+    code, out, err = run(["fit", "-c", tiny_config(tmp_path, csv_logger), "--trainer.max_steps=2"], capsys)
+    assert code == 0, err
+    (metrics,) = (tmp_path / "logs").rglob("metrics.csv")
+    with open(metrics) as handle:
+        assert "train_loss" in next(csv.reader(handle))
+
+
+def test_progress_lines_replace_the_bar_off_a_terminal(tmp_path, capsys):
+    code, out, err = run(["fit", "-c", tiny_config(tmp_path), "--trainer.enable_progress_bar=true",
+                          "--trainer.log_every_n_steps=2", "--trainer.val_check_interval=3"], capsys)
+    assert code == 0, err
+    lines = [line for line in out.splitlines() if line.startswith("step ")]
+    assert [line.split("  ")[0] for line in lines] == ["step 2/6 (33%)", "step 3/6", "step 4/6 (66%)",
+                                                        "step 6/6 (100%)", "step 6/6"]
+    assert "train_loss" in lines[0] and "ETA" in lines[0] and "val_loss" in lines[1]
+
+
+def test_calibration_split_feeds_the_monitor(tmp_path, capsys):
+    def calibrate(config):
+        config["data"]["init_args"]["calibration_split"] = "val"
+        callback(config, "BlockInfluenceMonitor").update(source="calibration", every_n_steps=100)  # at fit start
+        callback(config, "LayerPruneCallback").update(at_steps=[1])  # one shot, as ShortGPT
+
+    code, out, err = run(["fit", "-c", tiny_config(tmp_path, calibrate)], capsys)
+    assert code == 0, err
+    assert "4 decoder blocks at the end (of 6)" in out
+
+
+def test_calibration_without_a_split_is_refused(tmp_path, capsys):
+    line = construction_error(tmp_path, capsys, lambda c: callback(c, "BlockInfluenceMonitor").update(
+        source="calibration"))
+    assert "BlockInfluenceMonitor: `source='calibration'` needs `calibration_dataloader`" in line
+    assert line.endswith("set `data.init_args.calibration_split: val` (or `train`).")
+
+
+def test_resume_from_the_last_checkpoint(tmp_path, capsys):
+    def checkpoint(config):
+        config["trainer"]["enable_checkpointing"] = True
+        config["trainer"]["callbacks"].append({
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"dirpath": str(tmp_path / "ckpt"), "every_n_train_steps": 2, "save_top_k": 0,
+                          "save_last": True}})
+
+    path = tiny_config(tmp_path, checkpoint)
+    code, out, err = run(["fit", "-c", path, "--trainer.max_steps=4"], capsys)
+    assert code == 0, err
+    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["last.ckpt"]
+    code, out, err = run(["fit", "-c", path, "--ckpt_path=last", "--trainer.enable_progress_bar=true"], capsys)
+    assert code == 0, err
+    steps = [line.split("  ")[0] for line in out.splitlines() if line.startswith("step ")]
+    assert steps == ["step 5/6 (83%)", "step 6/6 (100%)"]  # went on from step 4
+    assert "6 optimizer steps" in out and "4 decoder blocks at the end (of 6)" in out
 
 
 def test_validate_reports_val_loss(tmp_path, capsys):
-    code, out, _ = run(["validate", *tiny_args(tmp_path), "trainer.logger=false"], capsys)
-    assert code == 0 and "val_loss" in out and "val_ppl" in out
+    code, out, err = run(["validate", "-c", tiny_config(tmp_path)], capsys)
+    assert code == 0, err
+    assert "val_loss" in out and "val_ppl" in out
+
+
+def test_validate_without_held_out_blocks(tmp_path, capsys):
+    line = construction_error(tmp_path, capsys, lambda c: c["data"]["init_args"].update(val_fraction=0),
+                              command="validate")
+    assert "data.init_args.val_fraction: `validate` needs held-out blocks, got 0." in line
 
 
 def test_measure_writes_json_csv_png(tmp_path, capsys):
     out_dir = tmp_path / "measure"
-    code, out, _ = run(["measure", *tiny_args(tmp_path), "measure.block_sizes=[1,2]",
-                        f"measure.output_dir={out_dir}"], capsys)
-    assert code == 0 and "Block Influence of random llama: 6 blocks" in out
+    code, out, err = run(["measure", "-c", tiny_config(tmp_path), "--block_sizes=[1,2]", f"--output_dir={out_dir}"],
+                         capsys)
+    assert code == 0, err
+    assert "Block Influence of random llama: 6 blocks" in out
     profile = json.loads((out_dir / "bi_profile.json").read_text())
     assert profile["num_layers"] == 6 and len(profile["block_influence"]) == 6 and profile["tokens"] > 0
     assert len(profile["angular_distances"]["2"]) == 5 and sorted(profile["lowest_bi_first"]) == list(range(6))
@@ -262,9 +350,7 @@ def test_measure_writes_json_csv_png(tmp_path, capsys):
     assert (out_dir / "bi_profile.png").stat().st_size > 0
 
 
-
-def test_printed_config_loads_back(tmp_path, capsys):
-    code, out, _ = run(["fit", *tiny_args(tmp_path), "callbacks.monitor={}", "--print-config"], capsys)
-    saved = tmp_path / "printed.yaml"
-    saved.write_text(out)
-    assert code == 0 and load_config([saved]) == load_config([TINY], tiny_args(tmp_path)[2:] + ["callbacks.monitor={}"])
+def test_measure_val_split_needs_held_out_blocks(tmp_path, capsys):
+    path = tiny_config(tmp_path, lambda c: c["data"]["init_args"].update(val_fraction=0))
+    code, _, err = run(["measure", "-c", path], capsys)
+    assert code == 2 and "split: `val` needs held-out blocks" in err and "--split=train" in err

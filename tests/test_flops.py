@@ -158,7 +158,7 @@ def test_llama_parameter_count_by_hand():
 
 def test_bad_seq_len_and_missing_fields_are_named():
     config = tiny_config("llama")
-    with pytest.raises(ValueError, match="`seq_len` must be a positive int, got 0"):
+    with pytest.raises(ValueError, match="`seq_len` must be an int >= 1, got 0"):
         flops_per_token(config, 0)
 
     class Bare:

@@ -10,6 +10,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lp_callbacks.callbacks.block_influence import BlockInfluenceMonitor
 from lp_callbacks.callbacks.layer_freeze import LayerFreezeCallback
+from lp_callbacks.events import collect_depth_events
 from lp_callbacks.measure import measure_depth
 
 SCORES = [0.9, 0.1, 0.8, 0.2, 0.7, 0.3]  # blocks 0, 2, 4 matter most
@@ -106,6 +107,10 @@ def test_user_scores_freeze_at_fit_start(tmp_path):
     assert freeze.record["scores"] == pytest.approx(SCORES)
     assert freeze.record["frozen_modules"] == sorted(FIXED)
     assert trainer.callbacks == [freeze, start]  # no monitor needed, none added
+    (event,) = freeze.depth_events  # what DepthEfficiencyMonitor reads (original numbering)
+    assert (event.step, event.kind, event.original_layers) == (0, "freeze", TOP3)
+    assert event.scores == pytest.approx([SCORES[i] for i in TOP3])
+    assert [e for _, e in collect_depth_events(trainer.callbacks)] == [event]
     end, frozen = _weights(module), _block_names(TOP3)
     for name, value in start.weights.items():
         assert torch.equal(end[name], value) == (frozen(name) or name in FIXED), name
@@ -217,6 +222,9 @@ def test_reevaluation_unfreezes_with_fresh_state_and_survives_resume(tmp_path):
     freeze, at_swap = ref_cbs[1], ref_cbs[2]
     assert [h["frozen_blocks"] for h in freeze.history] == [TOP3, [1, 3, 5], [1, 3, 5]]
     assert [h["step"] for h in freeze.history] == [2, 5, 8]
+    events = [(e.step, e.kind, e.original_layers) for e in freeze.depth_events]
+    assert events == [(2, "freeze", TOP3), (5, "unfreeze", TOP3), (5, "freeze", [1, 3, 5])]  # step 8: no change
+    assert cbs[1].depth_events == freeze.depth_events  # restored from the checkpoint, not emitted twice
     end = _weights(ref_module)
     for name, value in at_swap.weights.items():
         if _block_names([1, 3, 5])(name):
@@ -247,6 +255,18 @@ def test_two_instances_have_distinct_state_keys():
     assert fresh.frozen_blocks == [0, 2] and fresh.history == [{"step": 0}]
     fresh.load_state_dict({})  # an old or foreign state: defaults
     assert fresh.frozen_blocks is None and fresh.history == []
+
+
+def test_highest_scores_choose_unmeasured_blocks_first_with_a_warning():
+    from lp_callbacks.freezing import select_frozen
+    from lp_callbacks.selection import highest_scores, lowest_scores
+
+    scores = torch.tensor([0.5, float("nan"), 0.9, 0.5, 0.1], dtype=torch.float64)
+    with pytest.warns(UserWarning, match=r"no BI for blocks \[1\]; they count as the most important"):
+        assert select_frozen(scores, 2) == [1, 2]  # NaN: the most important, frozen first
+    assert highest_scores(scores, 3) == [0, 1, 2]  # ties: the lower index first
+    assert highest_scores(scores, 2, protected={1}) == [0, 2]
+    assert lowest_scores(scores, 2) == [0, 4]  # for pruning NaN is never chosen
 
 
 # ============================================================================================ DDP
@@ -282,10 +302,10 @@ def _bad(kwargs, match, error=ValueError, id=None):
         _bad(dict(scores=SCORES), r"exactly one of `num_trainable`, .*got none", id="no-amount"),
         _bad(dict(num_frozen=2, num_trainable=2, scores=SCORES), r"exactly one of .*'num_frozen': 2", id="two-amounts"),
         _bad(dict(fraction_frozen=1.0, scores=SCORES),
-             r"`fraction_frozen` must be a float in the open interval \(0, 1\), got 1.0", id="fraction-1"),
-        _bad(dict(fraction_trainable=0, scores=SCORES), r"`fraction_trainable` must be a float in .*got 0",
+             r"`fraction_frozen` must be a number in \(0, 1\), got 1.0", id="fraction-1"),
+        _bad(dict(fraction_trainable=0, scores=SCORES), r"`fraction_trainable` must be a number in .*got 0",
              id="fraction-0"),
-        _bad(dict(fraction_frozen=-0.5, scores=SCORES), r"open interval \(0, 1\), got -0.5", id="fraction-negative"),
+        _bad(dict(fraction_frozen=-0.5, scores=SCORES), r"must be a number in \(0, 1\), got -0.5", id="fraction-negative"),
         _bad(dict(num_frozen=0, scores=SCORES), r"`num_frozen` must be an int >= 1, got 0", id="num-0"),
         _bad(dict(num_frozen=2), r"exactly one source of block importance.*got none", id="no-source"),
         _bad(dict(num_frozen=2, scores=SCORES, warmup_steps=3), r"exactly one source.*\['scores', 'warmup_steps'\]",

@@ -265,7 +265,7 @@ def test_sharded_strategy_refused_at_setup():  # RELIABILITY 17
         ({"num_layers": 1}, "exactly one of `at_steps`"),
         ({"num_layers": 1, "at_steps": [0]}, r"`at_steps` must hold ints >= 1"),
         ({"num_layers": 1, "gradual": {"start_step": 5, "end_step": 2, "num_events": 2}}, "gradual"),
-        ({"num_layers": 0, "at_steps": [1]}, r"`num_layers` must be a positive int, got 0"),
+        ({"num_layers": 0, "at_steps": [1]}, r"`num_layers` must be an int >= 1, got 0"),
         ({"num_layers": 1, "at_steps": [1], "export_when": "event"}, "needs `export_dir`"),
     ],
     ids=["fraction>1", "fraction=0", "two-amounts", "criterion", "no-schedule", "step-0", "gradual", "zero", "export"],

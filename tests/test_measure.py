@@ -93,7 +93,7 @@ def test_model_left_as_found():
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"max_batches": 0}, ValueError, r"`max_batches` must be a positive int or None, got 0"),
+        ({"max_batches": 0}, ValueError, r"`max_batches` must be an int >= 1 or None, got 0"),
         ({"batches": [torch.ones(2, 3)]}, TypeError, r"each batch must be a dict with 'input_ids'"),
         ({"batches": []}, ValueError, "produced no token"),
     ],

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lp_callbacks.functional import angular_distance, block_influence
+from lp_callbacks.functional import angular_distance, bi_mean
 from lp_callbacks.metrics import AngularDistance, BlockInfluence
 
 
@@ -12,7 +12,7 @@ def test_accumulates_like_one_big_batch():
     metric = BlockInfluence(num_layers=2)
     for x, y, m in zip(xs, ys, masks):
         metric.update(1, x, y, m)
-    whole = block_influence(torch.cat(xs), torch.cat(ys), torch.cat(masks))
+    whole = bi_mean(torch.cat(xs), torch.cat(ys), torch.cat(masks))
     out = metric.compute()
     assert torch.isnan(out[0])  # layer 0 never updated
     assert out[1].item() == pytest.approx(whole.item(), abs=1e-7)

@@ -10,8 +10,19 @@ import torch
 from conftest import random_batch, tiny_model
 from test_data import char_tokenizer
 
-import lp_callbacks.models as models_mod
-from lp_callbacks.models import default_cache_root, load_causal_lm, load_smollm2, smollm2_gguf_path
+import lp_callbacks.harness.models as models_mod
+from lp_callbacks.harness.models import (
+    ModelSpec,
+    byte_tokenizer,
+    default_cache_root,
+    load_causal_lm,
+    load_smollm2,
+    load_tokenizer,
+    smollm2_gguf_path,
+)
+
+TINY = {"model_type": "llama", "vocab_size": 260, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 64}
 
 
 @pytest.fixture
@@ -155,7 +166,7 @@ def test_cache_root_follows_the_environment(monkeypatch, tmp_path):
 @pytest.mark.slow
 def test_smollm2_gguf_dequantised_and_cached(tmp_path, monkeypatch):
     pytest.importorskip("gguf")
-    import lp_callbacks.models as models
+    import lp_callbacks.harness.models as models
 
     smollm2_gguf_path()  # a clear error if the package is missing
     conversions = []
@@ -173,3 +184,65 @@ def test_smollm2_gguf_dequantised_and_cached(tmp_path, monkeypatch):
     assert len(conversions) == 1  # the second load reads the cache: no second dequantisation (counted, not timed)
     with torch.no_grad():
         torch.testing.assert_close(again(**ids).logits, expected, rtol=0, atol=0)
+
+
+# ======================================================================================== ModelSpec
+
+
+def test_byte_tokenizer_round_trips():
+    tok = byte_tokenizer()
+    text = "Thou art more lovely — ünïcødé\n"
+    ids = tok(text)["input_ids"]
+    assert len(tok) == 259 and tok.eos_token_id == 2 and tok.pad_token_id == 0
+    assert len(ids) == len(text.encode("utf-8")) and tok.decode(ids) == text
+    assert len(load_tokenizer("bytes")) == 259
+
+
+def test_spec_random_model_with_byte_tokenizer():
+    spec = ModelSpec(config=dict(TINY), tokenizer="bytes", dtype="bfloat16")
+    model, tokenizer = spec.load()
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 2
+    assert model.dtype == torch.bfloat16 and len(tokenizer) == 259 and spec.describe() == "random llama"
+    assert spec.config == TINY  # load() does not consume the config
+
+
+def test_spec_local_directory(source_dir):
+    model, tokenizer = ModelSpec(name_or_path=str(source_dir)).load()
+    assert model.config.num_hidden_layers == 6 and tokenizer.pad_token == "</s>"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({}, r"give exactly one model source: .*got none"),
+        ({"smollm2": True, "config": {"model_type": "llama"}}, r"exactly one model source: .*\['smollm2', 'config'\]"),
+        ({"smollm2": True, "gguf_file": "x.gguf"}, r"`gguf_file` needs `name_or_path`"),
+        ({"config": {"model_type": "llama"}, "tokenizer": "bytes", "cache_dir": "/tmp/x"}, r"`cache_dir`: a random"),
+        ({"config": {"hidden_size": 8}, "tokenizer": "bytes"}, r"`config.model_type` is required .*got None"),
+        ({"config": {"model_type": "llama"}}, r"`tokenizer`: a random `config` model has no tokenizer"),
+    ],
+    ids=["none", "two", "gguf-alone", "cache-random", "no-model-type", "no-tokenizer"],
+)
+def test_spec_refuses_what_does_not_fit(kwargs, match):
+    spec = ModelSpec(**kwargs)  # built as given (a config parser tries it), checked before anything loads
+    with pytest.raises(ValueError, match=match):
+        spec.check()
+    with pytest.raises(ValueError, match=match):
+        spec.load()
+
+
+def test_spec_config_field_typo_suggests_the_field():
+    with pytest.raises(ValueError, match=r"LlamaConfig has no field `hidden_sise` \(did you mean `hidden_size`\?\)"):
+        ModelSpec(config={**TINY, "hidden_sise": 16}, tokenizer="bytes").load()
+
+
+def test_spec_tokenizer_larger_than_vocabulary():
+    with pytest.raises(ValueError, match=r"the tokenizer has 259 tokens but the model's embeddings hold 100"):
+        ModelSpec(config={**TINY, "vocab_size": 100}, tokenizer="bytes").load()
+
+
+def test_spec_missing_directories_are_one_line(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"^Model directory not found: ./no/such/model"):
+        ModelSpec(name_or_path="./no/such/model").load()
+    with pytest.raises(FileNotFoundError, match=r"^Tokenizer directory not found: ./no/such/tokenizer"):
+        ModelSpec(config=dict(TINY), tokenizer="./no/such/tokenizer").load()

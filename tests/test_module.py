@@ -10,8 +10,13 @@ from conftest import random_batch, tiny_model
 from lightning.pytorch import Callback, Trainer
 from test_data import char_tokenizer, random_text
 
-from lp_callbacks.data import TextDataModule
-from lp_callbacks.module import CausalLMModule, lr_factor
+from lp_callbacks.harness.data import TextDataModule
+from lp_callbacks.harness.models import ModelSpec
+from lp_callbacks.harness.module import CausalLMModule, lr_factor
+
+TINY_SPEC = {"config": {"model_type": "llama", "vocab_size": 260, "hidden_size": 16, "intermediate_size": 32,
+                        "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1},
+             "tokenizer": "bytes"}
 
 
 def fast_trainer(**kwargs) -> Trainer:
@@ -155,7 +160,7 @@ def test_model_from_a_callable():
 @pytest.mark.parametrize(
     ("model", "kwargs", "error", "match"),
     [
-        ("not a model", {}, TypeError, r"`model` must be a torch.nn.Module or a callable building one, got str"),
+        ("not a model", {}, TypeError, r"`model` must be a ModelSpec, a torch.nn.Module or a callable building one, got str"),
         (lambda: 3, {}, TypeError, r"callable must return a torch.nn.Module, it returned int"),
         (None, {"lr": 0}, ValueError, r"`lr` must be a number > 0, got 0"),
         (None, {"weight_decay": -1.0}, ValueError, r"`weight_decay` must be a number >= 0, got -1.0"),
@@ -174,3 +179,29 @@ def test_model_from_a_callable():
 def test_bad_arguments(model, kwargs, error, match):
     with pytest.raises(error, match=match):
         CausalLMModule(model if model is not None else tiny_model("llama", num_layers=1), **kwargs)
+
+
+@pytest.mark.parametrize("as_dict", [False, True], ids=["spec", "dict"])
+def test_model_from_a_spec_keeps_tokenizer_and_hyperparameters(as_dict):
+    module = CausalLMModule(TINY_SPEC if as_dict else ModelSpec(**TINY_SPEC), lr=1e-3)
+    assert type(module.model).__name__ == "LlamaForCausalLM" and module.model.training
+    assert len(module.tokenizer) == 259 and module.model_spec == ModelSpec(**TINY_SPEC)
+    assert module.hparams["model"] == ModelSpec(**TINY_SPEC).as_dict()  # a plain dict: weights-only loads accept it
+
+
+def test_model_object_has_no_tokenizer():
+    module = CausalLMModule(tiny_model("llama", num_layers=1))
+    assert module.tokenizer is None and module.model_spec is None and "model" not in module.hparams
+
+
+def test_load_from_checkpoint_rebuilds_the_model_from_its_spec(tmp_path):
+    module = CausalLMModule(ModelSpec(**TINY_SPEC), lr=1e-3)
+    trainer = fast_trainer(max_steps=1, default_root_dir=tmp_path)
+    batch = random_batch(batch_size=2, seq_len=8)
+    trainer.fit(module, loader(repeated(batch, 1)))
+    path = tmp_path / "module.ckpt"
+    trainer.save_checkpoint(path)
+    loaded = CausalLMModule.load_from_checkpoint(path)  # no model given: the spec in the hyperparameters builds it
+    assert loaded.lr == 1e-3 and len(loaded.tokenizer) == 259
+    for key, value in module.model.state_dict().items():
+        torch.testing.assert_close(loaded.model.state_dict()[key], value)

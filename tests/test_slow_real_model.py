@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from lp_callbacks import BlockInfluenceMonitor, LayerPruneCallback, block_influence
-from lp_callbacks.data import shakespeare_files
-from lp_callbacks.models import load_smollm2
+from lp_callbacks.harness.data import shakespeare_files
+from lp_callbacks.harness.models import load_smollm2
 
 pytestmark = pytest.mark.slow
 

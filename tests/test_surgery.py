@@ -14,9 +14,9 @@ import torch
 from conftest import FAMILIES, HIDDEN, LAYERS, VOCAB, random_batch, tiny_model
 from torch import nn
 
-from lp_callbacks import surgery
+from lp_callbacks import architectures
 from lp_callbacks.architectures import get_decoder_layers
-from lp_callbacks.surgery import drop_layers, drop_optimizer_params, freeze_layers, unfreeze_layers
+from lp_callbacks.surgery import drop_layers, drop_optimizer_params
 
 # Families with per-layer facts beyond conftest's set: MoE layouts, NoPE lists, a multimodal wrapper.
 EXTRA = ["qwen2_moe_step2", "qwen3_moe", "smollm3", "gemma3_multimodal", "gpt2_inverse_scale"]
@@ -346,9 +346,9 @@ def test_gpt2_inverse_layer_scale_refusal_is_needed(tmp_path, monkeypatch):
     # Without the refusal a moved block keeps its old scale in memory but gets a new one when reloaded.
     from transformers import AutoModelForCausalLM
 
-    table = dict(surgery.ARCHITECTURES)
+    table = dict(architectures.ARCHITECTURES)
     table["gpt2"] = dataclasses.replace(table["gpt2"], renumber_refusal=None)
-    monkeypatch.setattr(surgery, "ARCHITECTURES", table)
+    monkeypatch.setattr(architectures, "ARCHITECTURES", table)
     model = _model("gpt2_inverse_scale")
     drop_layers(model, [2])
     model.save_pretrained(tmp_path)
@@ -409,23 +409,6 @@ def test_per_layer_field_of_wrong_length_refused():
     assert _snapshot(model) == before
 
 
-# ------------------------------------------------------------------------------------------ freeze / unfreeze
-
-
-def test_freeze_and_unfreeze():
-    model = _model("llama")
-    layers = model.model.layers
-    freeze_layers(model, [0, 2])
-    assert [all(not p.requires_grad for p in b.parameters()) for b in layers] == [True, False, True] + [False] * 3
-    assert all(p.requires_grad for p in model.model.embed_tokens.parameters())
-    unfreeze_layers(model, [2])
-    assert [any(p.requires_grad for p in b.parameters()) for b in layers] == [False] + [True] * 5
-    with pytest.raises(ValueError, match=r"`indices` must be layer positions in \[0, 5\].*got \[6\]"):
-        freeze_layers(model, [6])
-    with pytest.raises(ValueError, match=r"`indices` must be unique"):
-        unfreeze_layers(model, [0, 0])
-
-
 # -------------------------------------------------------------------------------------- drop_optimizer_params
 
 
@@ -478,7 +461,7 @@ def test_drop_optimizer_params_validates():
 
 
 def test_restore_layers_rebuilds_the_original_model(family):  # for checkpoints written before a removal
-    from lp_callbacks.surgery import removed_layer_indices, restore_layers
+    from lp_callbacks.surgery import removed_original_indices, restore_layers
 
     model = tiny_model(family)
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -487,9 +470,9 @@ def test_restore_layers_rebuilds_the_original_model(family):  # for checkpoints 
     with torch.no_grad():
         expected = model(**batch).logits
     drop_layers(model, [1, 3])
-    assert removed_layer_indices(model) == [1, 3]
+    assert removed_original_indices(model) == [1, 3]
     assert all(p.is_meta for i in (1, 3) for p in get_decoder_layers(model).__dict__["_lp_removed_blocks"][i].parameters())
-    assert restore_layers(model, range(LAYERS)) == list(range(LAYERS)) and removed_layer_indices(model) == []
+    assert restore_layers(model, range(LAYERS)) == list(range(LAYERS)) and removed_original_indices(model) == []
     model.load_state_dict(state)
     assert model.config.to_dict() == config
     with torch.no_grad():

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import itertools
-import math
-from collections import deque
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -14,71 +12,18 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from lp_callbacks.architectures import find_hf_model
-from lp_callbacks.checkpoint import register_rebuild_hook
-from lp_callbacks.measure import _model_inputs, progress
+from lp_callbacks.checkpoint import before_weights_load, restore_pruned_architecture
+from lp_callbacks.measure import calibration_pass
+from lp_callbacks.metrics import BIHistory, RunningMean
 from lp_callbacks.recorder import BlockInfluenceRecorder
-from lp_callbacks.surgery import original_layer_indices
+from lp_callbacks.stepping import OptimizerStepTracker
+from lp_callbacks.surgery import original_indices
+from lp_callbacks.validation import check_fraction, check_int, check_number
 
 __all__ = ["BlockInfluenceMonitor", "find_monitor", "find_or_add_monitor"]
 
 _SOURCES = ("train", "validation", "calibration")
 _AGGREGATIONS = ("cumulative", "ema", "window")
-
-
-def _positive_int(name: str, value: Any, allow_none: bool = False) -> None:
-    if allow_none and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        extra = " or None" if allow_none else ""
-        raise ValueError(f"`{name}` must be a positive int{extra}, got {value!r}.")
-
-
-class _Running:
-    """Per-position sums aggregated over measured steps: cumulative, exponential moving average, or a window.
-
-    Sums and token counts are aggregated separately, so steps with more tokens weigh more, as they should.
-    """
-
-    def __init__(self, aggregation: str, ema_decay: float, window: int) -> None:
-        self.aggregation, self.ema_decay, self.window = aggregation, ema_decay, window
-        self.reset()
-
-    def reset(self) -> None:
-        self.total: Tensor | None = None
-        self.count: Tensor | None = None
-        self.recent: deque[tuple[Tensor, Tensor]] = deque(maxlen=self.window)
-
-    def add(self, total: Tensor, count: Tensor) -> None:
-        total, count = total.detach().double(), count.detach().double()  # stays on device: no host sync per step
-        if self.aggregation == "window":
-            if self.recent and self.recent[0][0].device != total.device:  # restored from a checkpoint on the CPU
-                self.recent = deque(((t.to(total.device), c.to(total.device)) for t, c in self.recent), maxlen=self.window)
-            self.recent.append((total, count))
-            self.total = torch.stack([t for t, _ in self.recent]).sum(0)
-            self.count = torch.stack([c for _, c in self.recent]).sum(0)
-        elif self.total is None or self.total.shape != total.shape:
-            self.total, self.count = total.clone(), count.clone()
-        else:
-            decay = self.ema_decay if self.aggregation == "ema" else 1.0
-            # .to(): a checkpoint restores these on the CPU
-            self.total = decay * self.total.to(total.device) + total
-            self.count = decay * self.count.to(count.device) + count
-
-    def mean(self) -> Tensor | None:
-        """Per-position mean on the CPU (reading it is the only host sync), NaN where nothing was measured."""
-        if self.total is None or self.count is None:
-            return None
-        total, count = self.total.cpu(), self.count.cpu()
-        return torch.where(count > 0, total / count.clamp_min(1e-300), torch.full_like(total, math.nan))
-
-    def state_dict(self) -> dict[str, Any]:
-        cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
-        return {"total": cpu(self.total), "count": cpu(self.count), "recent": [(cpu(t), cpu(c)) for t, c in self.recent]}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.total, self.count = state.get("total"), state.get("count")
-        self.recent = deque(state.get("recent", []), maxlen=self.window)
 
 
 class BlockInfluenceMonitor(Callback):
@@ -109,7 +54,8 @@ class BlockInfluenceMonitor(Callback):
         calibration_batches: at most this many calibration batches per measurement.
         block_sizes: track Gromov's angular distance for these numbers of contiguous blocks.
         threshold: layers with BI below it are counted in the logged ``num_below_threshold``.
-        log_every_n_steps: log and record history every N steps (``None``: the Trainer's ``log_every_n_steps``).
+        log_every_n_steps: log every N steps (``None``: the Trainer's ``log_every_n_steps``). :attr:`history`
+            records every measured step whatever the cadence (at most :data:`~lp_callbacks.metrics.HISTORY_SIZE` records, evenly thinned).
         prefix: logged keys start with it, e.g. ``block_influence/layer_07`` (original layer numbering).
         layers_path: dotted path of the decoder block list, for custom models.
 
@@ -137,23 +83,21 @@ class BlockInfluenceMonitor(Callback):
         prefix: str = "block_influence",
         layers_path: str | None = None,
     ) -> None:
-        _positive_int("every_n_steps", every_n_steps)
-        _positive_int("max_tokens_per_step", max_tokens_per_step, allow_none=True)
-        _positive_int("window", window)
-        _positive_int("calibration_batches", calibration_batches, allow_none=True)
-        _positive_int("log_every_n_steps", log_every_n_steps, allow_none=True)
+        check_int("every_n_steps", every_n_steps, minimum=1)
+        check_int("max_tokens_per_step", max_tokens_per_step, minimum=1, allow_none=True)
+        check_int("window", window, minimum=1)
+        check_int("calibration_batches", calibration_batches, minimum=1, allow_none=True)
+        check_int("log_every_n_steps", log_every_n_steps, minimum=1, allow_none=True)
         if aggregation not in _AGGREGATIONS:
             raise ValueError(f"`aggregation` must be one of {_AGGREGATIONS}, got {aggregation!r}.")
-        if isinstance(ema_decay, bool) or not isinstance(ema_decay, (int, float)) or not 0 < ema_decay < 1:
-            raise ValueError(f"`ema_decay` must be a float in (0, 1), got {ema_decay!r}.")
+        check_fraction("ema_decay", ema_decay)
         if source not in _SOURCES:
             raise ValueError(f"`source` must be one of {_SOURCES}, got {source!r}.")
         if source == "calibration" and calibration_dataloader is None:
             raise ValueError("`source='calibration'` needs `calibration_dataloader`, got None.")
         for n in block_sizes:
-            _positive_int("block_sizes", n)
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 2:
-            raise ValueError(f"`threshold` must be a number in [0, 2] (the range of BI), got {threshold!r}.")
+            check_int("block_sizes", n, minimum=1)
+        check_number("threshold", threshold, 0, 2)  # the range of BI
         self.every_n_steps = every_n_steps
         self.max_tokens_per_step = max_tokens_per_step
         self.aggregation = aggregation
@@ -168,16 +112,17 @@ class BlockInfluenceMonitor(Callback):
 
         self.recorder: BlockInfluenceRecorder | None = None
         self.original_indices: list[int] | None = None
-        self.history: list[dict[str, Any]] = []
+        self._history = BIHistory()
+        self._last_log_step = 0
         self.measured_steps = 0  # since the last reset
         self._tokens: Tensor | int = 0  # since the last reset (a device tensor while training)
         self._skipped_since_log: Tensor | int = 0
-        self._running = _Running(aggregation, ema_decay, window)
-        self._running_angular: dict[int, _Running] = {n: _Running(aggregation, ema_decay, window) for n in self.block_sizes}
+        self._running = RunningMean(aggregation, ema_decay, window)
+        self._running_angular: dict[int, RunningMean] = {n: RunningMean(aggregation, ema_decay, window) for n in self.block_sizes}
         self._ema_decay, self._window = ema_decay, window
-        self._step_at_batch_start: int | None = None
+        self._steps = OptimizerStepTracker()
         self._pending = False
-        self._rebuild_hook: Any = None
+        self._rebuild_hook: Any = None  # rebuilds a pruned checkpoint's architecture before its weights load
 
     # ================================================================ public reading API
     @property
@@ -187,14 +132,20 @@ class BlockInfluenceMonitor(Callback):
     @property
     def block_influence(self) -> Tensor | None:
         """Current BI of each block, ``(num_layers,)`` float64 on the CPU in the model's current numbering, or
-        ``None`` before the first measurement (and right after a :meth:`reset`)."""
-        return self._running.mean()
+        ``None`` before the first measurement (and right after a :meth:`reset`). Reading it syncs with the GPU."""
+        return _cpu(self._running.mean())
 
     def angular_distances(self, block_size: int = 1) -> Tensor | None:
         """Angular distance from the input of block l to the output of block ``l + block_size - 1``, for each l:
         ``(num_layers - block_size + 1,)``, or ``None`` while not measured. See :meth:`track_block_size`."""
         running = self._running_angular.get(block_size)
-        return None if running is None else running.mean()
+        return None if running is None else _cpu(running.mean())
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """``{"step", "original_indices", "block_influence"}`` of every measured step (evenly thinned to at most
+        :data:`~lp_callbacks.metrics.HISTORY_SIZE` records), oldest first; ``block_influence`` in the order of ``original_indices``."""
+        return self._history.records()
 
     @property
     def num_layers(self) -> int | None:
@@ -203,9 +154,9 @@ class BlockInfluenceMonitor(Callback):
     # ================================================================ API for other callbacks
     def track_block_size(self, block_size: int) -> None:
         """Start tracking angular distances over ``block_size`` contiguous blocks (for a Gromov-style pruner)."""
-        _positive_int("block_size", block_size)
+        check_int("block_size", block_size, minimum=1)
         if block_size not in self._running_angular:
-            self._running_angular[block_size] = _Running(self.aggregation, self._ema_decay, self._window)
+            self._running_angular[block_size] = RunningMean(self.aggregation, self._ema_decay, self._window)
             self.block_sizes = tuple(sorted({*self.block_sizes, block_size}))
             if self.recorder is not None:
                 self.recorder.add_block_size(block_size)
@@ -228,7 +179,7 @@ class BlockInfluenceMonitor(Callback):
         """
         if self.recorder is not None:
             self.recorder.attach()
-            self.original_indices = original_layer_indices(self.recorder.model, self.layers_path)
+            self.original_indices = original_indices(self.recorder.stack)
         elif self.original_indices is not None:
             gone = set(indices)
             self.original_indices = [orig for i, orig in enumerate(self.original_indices) if i not in gone]
@@ -242,21 +193,15 @@ class BlockInfluenceMonitor(Callback):
         if self._pending:
             self._finalize_step(trainer)
 
-    def measure_now(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Tensor | None:
-        """Run a calibration pass now (needs ``calibration_dataloader``) and return the updated BI."""
-        if self.calibration_dataloader is None:
-            raise ValueError("`measure_now` needs the monitor's `calibration_dataloader`, got None.")
-        self._calibrate(trainer, pl_module)
-        return self.block_influence
-
     # ================================================================ Lightning hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._start_run()
-        self._rebuild_hook = register_rebuild_hook(trainer, pl_module, self.layers_path)
+        rebuild = functools.partial(restore_pruned_architecture, layers_path=self.layers_path)
+        self._rebuild_hook = before_weights_load(trainer, pl_module, rebuild)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._remove_rebuild_hook()
+        self._rebuild_hook.remove()  # the weights are loaded by now
         self._attach(pl_module)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -268,7 +213,7 @@ class BlockInfluenceMonitor(Callback):
             self._calibrate(trainer, pl_module)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        self._step_at_batch_start = trainer.global_step
+        self._steps.batch_started(trainer)
         if self.recorder is None or self.source != "train" or trainer.global_step % self.every_n_steps:
             return
         if self.max_tokens_per_step is not None:
@@ -281,9 +226,7 @@ class BlockInfluenceMonitor(Callback):
     ) -> None:
         if self.recorder is not None:
             self.recorder.enabled = False
-        # The optimizer stepped iff global_step moved; under gradient accumulation that is the last micro-batch.
-        stepped = self._step_at_batch_start is not None and trainer.global_step > self._step_at_batch_start
-        if not stepped:
+        if not self._steps.stepped(trainer):
             return
         if self._pending:
             self._finalize_step(trainer)
@@ -313,7 +256,8 @@ class BlockInfluenceMonitor(Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._detach()
-        self._remove_rebuild_hook()
+        if self._rebuild_hook is not None:
+            self._rebuild_hook.remove()
 
     # ================================================================ checkpointing
     def state_dict(self) -> dict[str, Any]:
@@ -321,6 +265,9 @@ class BlockInfluenceMonitor(Callback):
             "version": 1,
             "original_indices": self.original_indices,
             "history": self.history,
+            "history_stride": self._history.stride,
+            "history_count": self._history.count,
+            "last_log_step": self._last_log_step,
             "measured_steps": self.measured_steps,
             "tokens_seen": self.tokens_seen,  # an int: reading it syncs, fine at checkpoint time
             "running": self._running.state_dict(),
@@ -329,7 +276,10 @@ class BlockInfluenceMonitor(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.original_indices = state_dict.get("original_indices", self.original_indices)
-        self.history = list(state_dict.get("history", []))
+        self._history = BIHistory(
+            state_dict.get("history", []), state_dict.get("history_stride", 1), state_dict.get("history_count", 0)
+        )
+        self._last_log_step = state_dict.get("last_log_step", 0)
         self.measured_steps = state_dict.get("measured_steps", 0)
         self._tokens = state_dict.get("tokens_seen", 0)
         self._running.load_state_dict(state_dict.get("running", {}))
@@ -343,12 +293,8 @@ class BlockInfluenceMonitor(Callback):
         self._detach()
         self.reset()
         self.original_indices = None
-        self.history = []
-
-    def _remove_rebuild_hook(self) -> None:
-        if self._rebuild_hook is not None:
-            self._rebuild_hook.remove()
-            self._rebuild_hook = None
+        self._history = BIHistory()
+        self._last_log_step = 0
 
     def _attach(self, pl_module: pl.LightningModule) -> None:
         if self.recorder is not None:
@@ -362,7 +308,7 @@ class BlockInfluenceMonitor(Callback):
                 f" (original indices {self.original_indices}) but the model has {num_layers}. Resume a pruned run"
                 " with the same LayerPruneCallback in the Trainer so it rebuilds the pruned model first."
             )
-        self.original_indices = original_layer_indices(pl_module, self.layers_path)
+        self.original_indices = original_indices(self.recorder.stack)
 
     def _detach(self) -> None:
         if self.recorder is not None:
@@ -373,17 +319,8 @@ class BlockInfluenceMonitor(Callback):
     def _calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.recorder is None or self.calibration_dataloader is None:
             return
-        model = find_hf_model(pl_module, self.layers_path)  # the HF model takes input_ids/attention_mask; a user's forward may not
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
-            with self.recorder.recording(), torch.no_grad():
-                batches = itertools.islice(self.calibration_dataloader, self.calibration_batches)
-                total = _num_batches(self.calibration_dataloader, self.calibration_batches)
-                for batch in progress(batches, total, "BlockInfluenceMonitor: calibration"):
-                    model(**_model_inputs(batch, pl_module.device), use_cache=False)
-        finally:
-            pl_module.train(was_training)
+        calibration_pass(self.recorder, self.calibration_dataloader, self.calibration_batches,
+                         "BlockInfluenceMonitor: calibration")
         self._pending = True
         self._finalize_step(trainer)
 
@@ -393,11 +330,11 @@ class BlockInfluenceMonitor(Callback):
         recorder = self.recorder
         if recorder is None:
             return
-        metric = recorder.block_influence
+        metric = recorder.bi_metric
         with metric.sync_context(should_sync=True):
             total, count, skipped = metric.total.clone(), metric.count.clone(), metric.skipped.clone()
         angular = {}
-        for n, m in recorder.angular.items():
+        for n, m in recorder.angular_metrics.items():
             with m.sync_context(should_sync=True):
                 angular[n] = (m.total.clone(), m.count.clone())
         recorder.reset()
@@ -408,16 +345,21 @@ class BlockInfluenceMonitor(Callback):
         self.measured_steps += 1
         self._tokens = self._tokens + count.max()
         self._skipped_since_log = self._skipped_since_log + skipped.max()
+        step = trainer.global_step
+        if self.original_indices is not None:
+            self._history.add(step, self.original_indices, self._running.mean())  # type: ignore[arg-type]
         interval = self.log_every_n_steps or trainer.log_every_n_steps or 1
-        if self.source != "train" or trainer.global_step % interval == 0 or trainer.global_step <= 1:
-            self._log_and_record(trainer)
+        # log when a multiple of the interval was reached since the last log (measured steps need not hit one)
+        if self.source != "train" or step <= 1 or step // interval > self._last_log_step // interval:
+            self._log(trainer)
 
     @property
     def tokens_seen(self) -> int:
         """Tokens measured (per block) since the start or the last :meth:`reset`, summed over ranks."""
         return int(self._tokens)
 
-    def _log_and_record(self, trainer: pl.Trainer) -> None:
+    def _log(self, trainer: pl.Trainer) -> None:
+        self._last_log_step = trainer.global_step
         skipped, self._skipped_since_log = int(self._skipped_since_log), 0
         if skipped:
             rank_zero_warn(
@@ -428,9 +370,6 @@ class BlockInfluenceMonitor(Callback):
         if bi is None or self.original_indices is None:
             return
         step = trainer.global_step
-        self.history.append(
-            {"step": step, "original_indices": list(self.original_indices), "block_influence": bi.tolist()}
-        )
         finite = bi[torch.isfinite(bi)]
         metrics: dict[str, float] = {f"{self.prefix}/layer_{orig:02d}": float(v) for orig, v in zip(self.original_indices, bi)}
         if finite.numel():
@@ -448,11 +387,8 @@ class BlockInfluenceMonitor(Callback):
             logger.log_metrics(metrics, step=step)
 
 
-def _num_batches(loader: Any, limit: int | None) -> int | None:
-    try:
-        return min(len(loader), limit) if limit is not None else len(loader)
-    except TypeError:  # an iterable without len
-        return limit
+def _cpu(values: Tensor | None) -> Tensor | None:
+    return None if values is None else values.cpu()
 
 
 def find_monitor(trainer: pl.Trainer) -> BlockInfluenceMonitor | None:

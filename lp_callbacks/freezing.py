@@ -1,0 +1,202 @@
+"""What :class:`~lp_callbacks.LayerFreezeCallback` freezes: how many blocks, which ones, and the modules frozen
+whatever BI says (embeddings, LM head, final norm, named modules); argument checks of its amounts and scores.
+
+Example:
+    >>> count_frozen("fraction_frozen", 0.5, num_layers=30)
+    15
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+
+from lp_callbacks.architectures import DecoderStack, input_embeddings, output_embeddings
+from lp_callbacks.selection import highest_scores
+from lp_callbacks.validation import check_fraction, check_int
+
+__all__ = [
+    "AMOUNTS",
+    "check_amount",
+    "check_scores",
+    "count_frozen",
+    "optimizer_state_bytes",
+    "resolve_names",
+    "resolve_protected",
+    "select_frozen",
+    "unique_params",
+    "uses_checkpointing",
+    "warn_if_tied",
+]
+
+#: The arguments that say how many blocks to freeze (exactly one is given).
+AMOUNTS = ("num_trainable", "fraction_trainable", "num_frozen", "fraction_frozen")
+
+
+def check_amount(amounts: Mapping[str, Any]) -> tuple[str, int | float]:
+    """``(name, value)`` of the one amount of :data:`AMOUNTS` given; raises unless exactly one is, and valid."""
+    given = {name: value for name, value in amounts.items() if value is not None}
+    if len(given) != 1:
+        raise ValueError(
+            f"Pass exactly one of {', '.join(f'`{n}`' for n in AMOUNTS)} (how many blocks to freeze),"
+            f" got {given or 'none'}."
+        )
+    (name, value), = given.items()
+    if name.startswith("num_"):
+        check_int(name, value, minimum=1)
+    else:
+        check_fraction(name, value)
+    return name, value
+
+
+def check_scores(scores: Any) -> Tensor | None:
+    """User scores as a 1-D float64 CPU tensor (``None`` stays ``None``); raises for anything else."""
+    if scores is None:
+        return None
+    try:
+        values = torch.as_tensor(scores, dtype=torch.float64).detach().cpu().clone()
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(
+            f"`scores` must be a 1-D list or tensor of numbers (one per decoder block), got {scores!r}."
+        ) from None
+    if values.dim() != 1 or values.numel() == 0:
+        raise ValueError(f"`scores` must be 1-D with one number per decoder block, got shape {tuple(values.shape)}.")
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError(f"`scores` must be finite, got {values.tolist()}.")
+    return values
+
+
+def count_frozen(mode: str, amount: int | float, num_layers: int) -> int:
+    """How many of ``num_layers`` blocks to freeze; raises when that is all of them or more than exist."""
+    if mode == "num_frozen":
+        frozen = int(amount)
+    elif mode == "num_trainable":
+        if amount > num_layers:
+            raise ValueError(
+                f"`num_trainable` must be in [1, {num_layers}] (the model has {num_layers} decoder blocks),"
+                f" got {amount}."
+            )
+        frozen = num_layers - int(amount)
+    elif mode == "fraction_frozen":
+        frozen = math.floor(amount * num_layers + 0.5)
+    else:
+        frozen = num_layers - math.floor(amount * num_layers + 0.5)
+    if frozen >= num_layers:
+        raise ValueError(
+            f"`{mode}={amount!r}` would freeze {frozen} of the model's {num_layers} decoder blocks: at least one block"
+            f" must stay trainable (freeze at most {num_layers - 1})."
+        )
+    if frozen == 0:
+        rank_zero_warn(f"LayerFreezeCallback: `{mode}={amount!r}` of {num_layers} decoder blocks freezes none of them.")
+    return frozen
+
+
+def unique_params(modules: Iterable[nn.Module]) -> list[nn.Parameter]:
+    """The parameters of ``modules``, each shared one (tied weights) once."""
+    seen: dict[int, nn.Parameter] = {}
+    for module in modules:
+        for param in module.parameters():
+            seen.setdefault(id(param), param)
+    return list(seen.values())
+
+
+def resolve_protected(stack: DecoderStack, flags: Mapping[str, bool]) -> dict[str, list[nn.Module]]:
+    """The modules frozen whatever BI says: embeddings, LM head and final norm, each when its flag is on."""
+    out: dict[str, list[nn.Module]] = {}
+    model = type(stack.root).__name__
+    if flags["embeddings"]:
+        out["embeddings"] = stack.embeddings()
+        if not out["embeddings"]:
+            raise ValueError(
+                f"`freeze_embeddings=True` but {model}.get_input_embeddings() finds no input embedding."
+                " Pass freeze_embeddings=False, or name the module in `also_freeze`."
+            )
+    if flags["lm_head"]:
+        head = output_embeddings(stack.root)
+        if head is None:
+            raise ValueError(
+                f"`freeze_lm_head=True` but {model}.get_output_embeddings() returned None: no LM head"
+                " found. Pass freeze_lm_head=False, or name your head module in `also_freeze`."
+            )
+        out["lm_head"] = [head]
+    if flags["final_norm"]:
+        norms = stack.final_norms()
+        if not norms:
+            children = [name for name, _ in stack.owner.named_children()]
+            raise ValueError(
+                f"`freeze_final_norm=True` but {type(stack.owner).__name__} (the module that runs the decoder blocks)"
+                f" has no child that looks like a final norm; its children are {children}. Pass"
+                " freeze_final_norm=False, or name the module in `also_freeze`."
+            )
+        out["final_norm"] = [module for _, module in norms]
+    return out
+
+
+def resolve_names(hf: nn.Module, pl_module: nn.Module, names: Sequence[str]) -> list[nn.Module]:
+    """Modules named in ``also_freeze``, relative to the HF model (or else to the LightningModule)."""
+    modules = []
+    for name in names:
+        module = None
+        for root in (hf, pl_module):
+            try:
+                module = root.get_submodule(name)
+                break
+            except AttributeError:
+                continue
+        if module is None:
+            known = [n for n, _ in hf.named_modules() if n]
+            close = difflib.get_close_matches(name, known, n=3)
+            hint = f" Did you mean {close}?" if close else f" Top-level modules: {[n for n, _ in hf.named_children()]}."
+            raise ValueError(
+                f"`also_freeze` names {name!r}, which is not a submodule of {type(hf).__name__} nor of"
+                f" {type(pl_module).__name__}.{hint}"
+            )
+        modules.append(module)
+    return modules
+
+
+def optimizer_state_bytes(optimizers: Iterable[torch.optim.Optimizer]) -> int:
+    """Bytes of every tensor the optimizers keep as state (Adam moments, momentum buffers)."""
+    total = 0
+    for optimizer in optimizers:
+        for state in optimizer.state.values():
+            for value in state.values():
+                if isinstance(value, Tensor):
+                    total += value.numel() * value.element_size()
+    return total
+
+
+def select_frozen(scores: Tensor, count: int) -> list[int]:
+    """The ``count`` blocks with the highest score (ties: lower index first); NaN counts as highest."""
+    missing = torch.isnan(scores)
+    if bool(missing.any()):
+        rank_zero_warn(
+            f"LayerFreezeCallback: no BI for blocks {missing.nonzero().flatten().tolist()}; they count as the most"
+            " important (frozen first)."
+        )
+    return highest_scores(scores, count)
+
+
+def uses_checkpointing(model: nn.Module) -> bool:
+    """Whether the HF model runs with gradient (activation) checkpointing."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # new HF name first (no warning)
+        if hasattr(type(model), name):
+            return bool(getattr(model, name))
+    return False
+
+
+def warn_if_tied(hf: nn.Module, protect: Mapping[str, bool]) -> None:
+    """Warn when only one of the tied input embedding and LM head is to be frozen: their one weight is frozen."""
+    if protect["embeddings"] == protect["lm_head"]:
+        return
+    if getattr(input_embeddings(hf), "weight", 0) is getattr(output_embeddings(hf), "weight", 1):
+        rank_zero_warn(
+            "LayerFreezeCallback: the input embeddings and the LM head share one weight (tied); it is frozen"
+            f" because freeze_embeddings={protect['embeddings']} / freeze_lm_head={protect['lm_head']}."
+        )
