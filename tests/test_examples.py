@@ -49,3 +49,21 @@ def test_domain_adaptation_tiny(tmp_path):
     assert frozen and len(ast.literal_eval(frozen.group(1))) == 3
     before, after = map(float, re.search(r"held-out perplexity: +([\d.]+) -> ([\d.]+)", out).groups())
     assert after < before
+
+
+def test_readme_quickstart_runs_as_pasted(tmp_path):
+    """The README's quickstart block, unchanged, in a fresh directory holding only README.md."""
+    import shutil
+
+    readme = Path(__file__).parent.parent / "README.md"
+    quickstart = readme.read_text().split("## Quickstart", 1)[1]
+    code = re.search(r"```python\n(.*?)```", quickstart, re.S).group(1)
+    shutil.copy(readme, tmp_path / "README.md")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "runs" / "quickstart" / "pruned-model")
+    assert exported.config.num_hidden_layers == 4
+    version = tmp_path / "runs" / "quickstart" / "lightning_logs" / "version_0"
+    assert (version / "metrics.csv").is_file() and (version / "depth" / "summary.json").is_file()
