@@ -155,7 +155,9 @@ def before_weights_load(
         if not pending:  # once (removing the handle here would mutate the hooks being iterated)
             return
         pending = False
-        checkpoint = load_checkpoint(trainer.ckpt_path) if trainer.ckpt_path else None
+        path = trainer.ckpt_path
+        # a local file only: a remote URL (s3://, ...) is Lightning's to read, and cannot be rebuilt for here
+        checkpoint = load_checkpoint(path) if path and Path(path).is_file() else None
         if checkpoint is not None:
             on_checkpoint(module, checkpoint)
 

@@ -21,7 +21,9 @@ from lp_callbacks.validation import check_int
 __all__ = ["GradualSchedule", "PruneSchedule", "plan_removals", "split_evenly", "unmeasured_events"]
 
 
-def _int_list(name: str, values: Sequence[int], minimum: int) -> tuple[int, ...]:
+def _int_list(name: str, values: int | Sequence[int], minimum: int) -> tuple[int, ...]:
+    if isinstance(values, int) and not isinstance(values, bool):
+        values = [values]  # `at_steps=3` means one event, after step 3
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
         raise ValueError(f"`{name}` must be a non-empty list of ints >= {minimum}, got {values!r}.")
     bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int) or v < minimum]
@@ -68,8 +70,8 @@ class PruneSchedule:
     @classmethod
     def from_args(
         cls,
-        at_steps: Sequence[int] | None,
-        at_epochs: Sequence[int] | None,
+        at_steps: int | Sequence[int] | None,
+        at_epochs: int | Sequence[int] | None,
         gradual: GradualSchedule | Mapping[str, Any] | None,
     ) -> PruneSchedule:
         given = [name for name, v in (("at_steps", at_steps), ("at_epochs", at_epochs), ("gradual", gradual)) if v is not None]

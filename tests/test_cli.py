@@ -127,11 +127,17 @@ def test_misspelt_key_in_yaml_names_it(tmp_path, capsys):
 
 
 def test_wrong_type_in_a_callback_names_key_and_type(tmp_path, capsys):
-    path = tiny_config(tmp_path, lambda c: callback(c, "LayerPruneCallback").update(at_steps=3))
+    path = tiny_config(tmp_path, lambda c: callback(c, "LayerPruneCallback").update(num_layers="two"))
     code, _, err = run(["fit", "-c", path, "--print_config"], capsys)
     assert code == 2
-    assert re.search(r"LayerPruneCallback'.*Parser key \"at_steps\".*Expected a <class 'collections.abc.Sequence'>"
-                     r".*Given value: 3", err, re.DOTALL), err
+    assert re.search(r"LayerPruneCallback'.*Parser key \"num_layers\".*Expected a <class 'int'>.*Given value: two",
+                     err, re.DOTALL), err
+
+
+def test_one_step_given_as_an_int_is_accepted(tmp_path, capsys):  # `at_steps: 3` means one event after step 3
+    path = tiny_config(tmp_path, lambda c: callback(c, "LayerPruneCallback").update(at_steps=3))
+    code, out, err = run(["fit", "-c", path, "--print_config"], capsys)
+    assert code == 0 and "at_steps: 3" in out, err
 
 
 def test_missing_config_file(capsys):

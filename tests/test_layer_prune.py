@@ -554,3 +554,10 @@ def test_model_built_in_configure_model_is_found_pruned_and_resumed(tmp_path):  
     resumed, again = LateLM(), LayerPruneCallback(num_layers=2, at_steps=[2])
     fast_trainer(tmp_path, callbacks=[again], max_steps=6).fit(resumed, loader(), ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=4.ckpt"))
     assert n_layers(resumed) == LAYERS - 2 and again.removed == prune.removed
+
+
+def test_one_int_is_one_event():  # `at_steps=3` on a command line or in YAML
+    assert LayerPruneCallback(num_layers=1, at_steps=3).schedule.steps == (3,)
+    assert LayerPruneCallback(num_layers=1, at_epochs=0).schedule.epochs == (0,)
+    with pytest.raises(ValueError, match=r"`at_steps` must hold ints >= 1, got \[0\]"):
+        LayerPruneCallback(num_layers=1, at_steps=0)

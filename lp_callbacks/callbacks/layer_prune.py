@@ -62,8 +62,9 @@ class LayerPruneCallback(Callback):
         num_layers: total number of blocks to remove over all events.
         fraction: or the total as a fraction of the original depth, in (0, 1).
         layers_per_event: or the number removed at each event (total = this x number of events).
-        at_steps: events after these optimizer steps (``trainer.global_step`` values; exact under accumulation).
-        at_epochs: or at the end of these epochs (0-based).
+        at_steps: events after these optimizer steps (``trainer.global_step`` values; exact under accumulation);
+            one int is one event.
+        at_epochs: or at the end of these epochs (0-based; one int is one event).
         gradual: or a :class:`~lp_callbacks.schedules.GradualSchedule` (or dict ``start_step``, ``end_step``,
             ``num_events``) spreading the removals over a range of steps.
         criterion: ``"block_influence"`` (ShortGPT: lowest BI), ``"angular"`` (Gromov: the contiguous run with the
@@ -93,8 +94,8 @@ class LayerPruneCallback(Callback):
         num_layers: int | None = None,
         fraction: float | None = None,
         layers_per_event: int | None = None,
-        at_steps: Sequence[int] | None = None,
-        at_epochs: Sequence[int] | None = None,
+        at_steps: int | Sequence[int] | None = None,
+        at_epochs: int | Sequence[int] | None = None,
         gradual: GradualSchedule | Mapping[str, int] | None = None,
         criterion: Literal["block_influence", "angular", "last", "random"] = "block_influence",
         min_layers: int = 1,
