@@ -546,13 +546,15 @@ class LateLM(TinyLM):
             self.model = TinyLM().model
 
 
-def test_model_built_in_configure_model_is_found_pruned_and_resumed(tmp_path):  # RELIABILITY 31
+@pytest.mark.parametrize("monitor_first", [False, True], ids=["pruner-only", "monitor-before-pruner"])
+def test_model_built_in_configure_model_is_found_pruned_and_resumed(tmp_path, monitor_first):  # RELIABILITY 31
     module = LateLM()
     prune = LayerPruneCallback(num_layers=2, at_steps=[2])
     _checkpointed_run(tmp_path, prune, module=module)
     assert n_layers(module) == LAYERS - 2 and prune.original_num_layers == LAYERS
     resumed, again = LateLM(), LayerPruneCallback(num_layers=2, at_steps=[2])
-    fast_trainer(tmp_path, callbacks=[again], max_steps=6).fit(resumed, loader(), ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=4.ckpt"))
+    callbacks = [BlockInfluenceMonitor(), again] if monitor_first else [again]
+    fast_trainer(tmp_path, callbacks=callbacks, max_steps=6).fit(resumed, loader(), ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=4.ckpt"))
     assert n_layers(resumed) == LAYERS - 2 and again.removed == prune.removed
 
 

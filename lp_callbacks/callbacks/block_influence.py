@@ -197,11 +197,14 @@ class BlockInfluenceMonitor(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._start_run()
-        rebuild = functools.partial(restore_pruned_architecture, layers_path=self.layers_path)
-        self._rebuild_hook = before_weights_load(trainer, pl_module, rebuild)
+        self._rebuild_hook = None
+        if not _has_pruner(trainer):  # a LayerPruneCallback rebuilds it itself, with its records and plan
+            rebuild = functools.partial(restore_pruned_architecture, layers_path=self.layers_path)
+            self._rebuild_hook = before_weights_load(trainer, pl_module, rebuild)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._rebuild_hook.remove()  # the weights are loaded by now
+        if self._rebuild_hook is not None:
+            self._rebuild_hook.remove()  # the weights are loaded by now
         self._attach(pl_module)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -389,6 +392,12 @@ class BlockInfluenceMonitor(Callback):
 
 def _cpu(values: Tensor | None) -> Tensor | None:
     return None if values is None else values.cpu()
+
+
+def _has_pruner(trainer: pl.Trainer) -> bool:
+    from lp_callbacks.callbacks.layer_prune import LayerPruneCallback  # it imports this module
+
+    return any(isinstance(c, LayerPruneCallback) for c in trainer.callbacks)  # type: ignore[attr-defined]
 
 
 def find_monitor(trainer: pl.Trainer) -> BlockInfluenceMonitor | None:
