@@ -32,7 +32,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-__all__ = ["DEPTH_EVENT_KINDS", "DepthEvent", "collect_depth_events"]
+__all__ = ["DEPTH_EVENT_KINDS", "DepthEvent", "collect_depth_events", "notify_before_prune"]
 
 #: The kinds of :class:`DepthEvent`.
 DEPTH_EVENT_KINDS: tuple[str, ...] = ("prune", "freeze", "unfreeze")
@@ -119,3 +119,13 @@ def collect_depth_events(callbacks: Iterable[object]) -> list[tuple[str, DepthEv
             if event is not None:
                 found.append((type(callback).__name__, event))  # reported under its class name
     return sorted(found, key=lambda pair: pair[1].step)
+
+
+def notify_before_prune(trainer: Any, pl_module: Any, current_indices: list[int]) -> None:
+    """Tell every callback with an ``on_before_prune(trainer, pl_module, current_indices)`` method that these blocks
+    (current numbering) are about to be removed: the model is still whole when it runs (a distillation teacher is
+    copied then)."""
+    for callback in trainer.callbacks:
+        hook = getattr(callback, "on_before_prune", None)
+        if callable(hook):
+            hook(trainer, pl_module, list(current_indices))

@@ -20,7 +20,7 @@ from lp_callbacks.architectures import DecoderStack, decoder_stack
 from lp_callbacks.callbacks.block_influence import BlockInfluenceMonitor, find_monitor, find_or_add_monitor
 from lp_callbacks.checkpoint import before_weights_load, own_prune_state, removal_records, restore_pruned_architecture
 from lp_callbacks.distributed import check_strategy_supported, rebuild_ddp
-from lp_callbacks.events import DepthEvent
+from lp_callbacks.events import DepthEvent, notify_before_prune
 from lp_callbacks.export import check_export_dir, save_export
 from lp_callbacks.schedules import GradualSchedule, PruneSchedule, plan_removals, unmeasured_events
 from lp_callbacks.selection import CRITERIA, best_contiguous_block, last_layers, lowest_scores, random_layers
@@ -340,6 +340,7 @@ class LayerPruneCallback(Callback):
         scores = trainer.strategy.broadcast(scores, src=0)
         stack = self._stack
         assert stack is not None
+        notify_before_prune(trainer, pl_module, chosen)
         dead = [p for i in chosen for p in stack.layers[i].parameters()]
         original = [original_indices(stack)[i] for i in chosen]
         drop_layers(stack, chosen)
