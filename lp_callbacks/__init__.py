@@ -4,6 +4,7 @@ from lp_callbacks.architectures import get_decoder_layers
 from lp_callbacks.callbacks import (
     BlockInfluenceMonitor,
     DepthEfficiencyMonitor,
+    DistillationCallback,
     LayerFreezeCallback,
     LayerPruneCallback,
     find_monitor,
@@ -21,6 +22,7 @@ __all__ = [
     "DepthEfficiencyMonitor",
     "DepthEvent",
     "DepthMeasurement",
+    "DistillationCallback",
     "GradualSchedule",
     "LayerFreezeCallback",
     "LayerPruneCallback",

@@ -1,0 +1,316 @@
+"""Distillation: the chunked KD math, and DistillationCallback healing a pruned model inside the run."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from conftest import LAYERS, TinyLM, fast_trainer, loader, tiny_model
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lp_callbacks import BlockInfluenceMonitor, DistillationCallback, LayerPruneCallback, get_decoder_layers
+from lp_callbacks.distillation import aligned_hidden_pairs, hidden_alignment_loss, kd_loss, next_token_mask
+
+
+def reference_kd(student, teacher, mask, temperature=1.0):
+    """Unchunked textbook KL(teacher || student) * T^2, mean over the masked positions, in float64."""
+    p = torch.softmax(teacher.double() / temperature, -1)
+    log_ratio = torch.log_softmax(teacher.double() / temperature, -1) - torch.log_softmax(student.double() / temperature, -1)
+    return (p * log_ratio).sum(-1)[mask].mean() * temperature**2
+
+
+# ============================================================================================ the math
+@pytest.mark.parametrize("chunk_size", [1, 3, 7, 1024])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_chunked_kd_equals_unchunked_reference_values_and_gradients(chunk_size, temperature):
+    student = torch.randn(3, 9, 50, requires_grad=True)
+    teacher = torch.randn(3, 9, 50)
+    attention_mask = torch.ones(3, 9, dtype=torch.long)
+    attention_mask[1, 6:] = 0
+    mask = next_token_mask(attention_mask=attention_mask)
+    loss = kd_loss(student, teacher, mask, temperature=temperature, chunk_size=chunk_size)
+    (grad,) = torch.autograd.grad(loss, student)
+    expected = reference_kd(student, teacher, mask, temperature)
+    (expected_grad,) = torch.autograd.grad(expected, student)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, expected_grad.float(), rtol=1e-4, atol=1e-7)
+
+
+def test_kd_is_computed_in_fp32_from_bf16_logits():
+    student, teacher = torch.randn(2, 5, 40), torch.randn(2, 5, 40)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    loss = kd_loss(student.bfloat16(), teacher.bfloat16(), mask, chunk_size=2)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), reference_kd(student.bfloat16().float(), teacher.bfloat16().float(), mask))
+
+
+def test_identical_logits_give_zero_kd_and_zero_gradient():
+    logits = torch.randn(2, 6, 30, requires_grad=True)
+    loss = kd_loss(logits, logits.detach().clone(), torch.ones(2, 6, dtype=torch.bool))
+    loss.backward()
+    assert float(loss) == 0.0
+    assert logits.grad.abs().max() < 1e-7
+
+
+def test_padding_positions_do_not_count():
+    student, teacher = torch.randn(2, 8, 20), torch.randn(2, 8, 20)
+    labels = torch.randint(0, 20, (2, 8))
+    labels[0, 5:] = -100
+    mask = next_token_mask(labels=labels)
+    assert mask[0].tolist() == [True] * 4 + [False] * 4 and mask[1].tolist() == [True] * 7 + [False]
+    changed = student.clone()
+    changed[~mask] = 1e4  # garbage where nothing counts
+    assert float(kd_loss(changed, teacher, mask)) == pytest.approx(float(kd_loss(student, teacher, mask)), rel=1e-6)
+
+
+def test_top_k_over_the_whole_vocabulary_is_the_full_kd_and_a_small_k_differs():
+    student, teacher = torch.randn(2, 5, 25), torch.randn(2, 5, 25)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    full = kd_loss(student, teacher, mask)
+    torch.testing.assert_close(kd_loss(student, teacher, mask, top_k=25), full)
+    assert abs(float(kd_loss(student, teacher, mask, top_k=3)) - float(full)) > 1e-3
+
+
+def test_hidden_pairs_follow_original_indices_and_the_normed_last_state():
+    assert aligned_hidden_pairs([0, 1, 2, 3], 4) == [(1, 1), (2, 2), (3, 3), (4, 4)]
+    assert aligned_hidden_pairs([0, 2, 5], 6) == [(1, 1), (2, 3), (3, 6)]
+    states = [torch.randn(2, 4, 8) for _ in range(3)]
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    assert float(hidden_alignment_loss(states, [s * 3.0 for s in states], [(1, 1), (2, 2)], mask)) == pytest.approx(0.0, abs=1e-6)
+    assert float(hidden_alignment_loss(states, states[::-1], [(0, 0)], mask)) > 0.1
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: kd_loss(torch.randn(1, 3, 5), torch.randn(1, 3, 6), torch.ones(1, 3, dtype=torch.bool)), "same shape"),
+        (lambda: kd_loss(torch.randn(1, 3, 5), torch.randn(1, 3, 5), torch.ones(1, 2, dtype=torch.bool)), "`mask`"),
+        (lambda: kd_loss(torch.randn(1, 3, 5), torch.randn(1, 3, 5), torch.ones(1, 3, dtype=torch.bool), temperature=0), "`temperature`"),
+        (lambda: kd_loss(torch.randn(1, 3, 5), torch.randn(1, 3, 5), torch.ones(1, 3, dtype=torch.bool), top_k=0), "`top_k`"),
+        (lambda: next_token_mask(), "labels"),
+    ],
+)
+def test_bad_math_input_is_refused(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+# ============================================================================================ the callback
+class GradProbe(pl.Callback):
+    """The gradients of the first optimizer step and the logged train losses."""
+
+    def __init__(self) -> None:
+        self.grads: dict[str, torch.Tensor] = {}
+        self.losses: list[float] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if not self.grads:
+            self.grads = {n: p.grad.clone() for n, p in pl_module.named_parameters() if p.grad is not None}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+def test_identical_teacher_gives_kd_zero_and_scales_the_lm_gradients_only(tmp_path):
+    plain, distilled = GradProbe(), GradProbe()
+    fast_trainer(tmp_path, callbacks=[plain], max_steps=1).fit(TinyLM(), loader(length=4))
+    distil = DistillationCallback(teacher="initial", alpha=0.3)
+    fast_trainer(tmp_path, callbacks=[distil, distilled], max_steps=1).fit(TinyLM(), loader(length=4))
+    assert distil.last["kd_loss"] == 0.0
+    assert distil.last["lm_loss"] == pytest.approx(plain.losses[0], rel=1e-6)
+    assert set(distilled.grads) == set(plain.grads)
+    for name, grad in plain.grads.items():
+        torch.testing.assert_close(distilled.grads[name], 0.7 * grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_before_first_prune_teacher_is_the_whole_model_at_the_removal(tmp_path):
+    distil, probe = DistillationCallback(teacher="before_first_prune", alpha=0.5), GradProbe()
+    plain = GradProbe()
+    fast_trainer(tmp_path, callbacks=[LayerPruneCallback(num_layers=2, at_steps=[3]), plain], max_steps=6).fit(TinyLM(), loader())
+    module = TinyLM()
+    snapshot = {}
+
+    class AtRemoval(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 3 and not snapshot:
+                snapshot.update({k: v.clone() for k, v in pl_module.model.state_dict().items()})
+
+    prune = LayerPruneCallback(num_layers=2, at_steps=[3])
+    fast_trainer(tmp_path, callbacks=[AtRemoval(), distil, prune, probe], max_steps=6).fit(module, loader())
+    assert distil.teacher_taken_at == 3 and len(get_decoder_layers(distil.teacher)) == LAYERS
+    assert len(get_decoder_layers(module)) == LAYERS - 2
+    teacher_state = distil.teacher.state_dict()
+    assert all(torch.equal(teacher_state[k], v) for k, v in snapshot.items())  # the model just before the removal
+    assert probe.losses[:3] == pytest.approx(plain.losses[:3], rel=1e-6)  # no teacher yet: the LM loss unchanged
+    assert distil.last["kd_loss"] > 0  # after the removal the student differs from its teacher
+
+
+def test_teacher_never_enters_the_optimizer_the_module_or_the_export(tmp_path):
+    distil = DistillationCallback(teacher="initial")
+    prune = LayerPruneCallback(num_layers=2, at_steps=[2], export_dir=tmp_path / "export")
+    module = TinyLM()
+    trainer = fast_trainer(tmp_path, callbacks=[distil, prune], max_steps=4)
+    trainer.fit(module, loader())
+    teacher_params = {id(p) for p in distil.teacher.parameters()}
+    optimizer = trainer.optimizers[0]
+    assert not teacher_params & {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert not teacher_params & set(map(id, optimizer.state))
+    assert not teacher_params & {id(p) for p in module.parameters()}
+    assert all(not p.requires_grad for p in distil.teacher.parameters()) and not distil.teacher.training
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    assert set(exported.state_dict()) == set(module.model.state_dict())
+    assert len(get_decoder_layers(exported)) == LAYERS - 2
+
+
+def test_teacher_forwards_are_invisible_to_the_block_influence_monitor(tmp_path):
+    counts = []
+    for callbacks in ([], [DistillationCallback(teacher="initial")]):
+        monitor = BlockInfluenceMonitor(every_n_steps=1)
+        fast_trainer(tmp_path, callbacks=[monitor, *callbacks], max_steps=3).fit(TinyLM(), loader())
+        counts.append((monitor.tokens_seen, monitor.block_influence.tolist()))
+    assert counts[0][0] == counts[1][0]
+
+
+def test_teacher_dtype_and_the_loss_method_of_a_module_with_its_own_loss(tmp_path):
+    class OwnLoss(TinyLM):
+        def training_step(self, batch, batch_idx):
+            out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            logits = out.logits[:, :-1].flatten(0, 1)
+            targets = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100).flatten()
+            lm = torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100)
+            return self.distiller.loss(out, batch, lm)
+
+    distil = DistillationCallback(teacher="initial", alpha=0.5, teacher_dtype="bfloat16")
+    module = OwnLoss()
+    module.distiller = distil
+    fast_trainer(tmp_path, callbacks=[distil, LayerPruneCallback(num_layers=1, at_steps=[1])], max_steps=3).fit(module, loader())
+    assert next(distil.teacher.parameters()).dtype == torch.bfloat16
+    assert distil.last["kd_loss"] > 0 and "lm_loss" in distil.last
+
+
+def test_a_training_step_without_labels_or_loss_call_is_stopped(tmp_path):
+    class NoLabels(TinyLM):
+        def training_step(self, batch, batch_idx):
+            logits = self.model(input_ids=batch["input_ids"]).logits
+            return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["input_ids"][:, 1:].flatten())
+
+    with pytest.raises(RuntimeError, match="ran without distillation"):
+        fast_trainer(tmp_path, callbacks=[DistillationCallback(teacher="initial")], max_steps=2).fit(NoLabels(), loader())
+
+
+def test_hidden_state_alignment_adds_a_term_that_is_zero_before_any_removal(tmp_path):
+    distil = DistillationCallback(teacher="initial", hidden_weight=1.0)
+    probe = GradProbe()
+    fast_trainer(tmp_path, callbacks=[distil, probe], max_steps=1).fit(TinyLM(), loader(length=4))
+    assert distil.last["hidden_loss"] == pytest.approx(0.0, abs=1e-6)
+    fast_trainer(tmp_path, callbacks=[distil, LayerPruneCallback(num_layers=2, at_steps=[1])], max_steps=3).fit(TinyLM(), loader())
+    assert distil.last["hidden_loss"] > 0
+
+
+def test_a_given_teacher_module_of_another_depth_cannot_align_hidden_states(tmp_path):
+    distil = DistillationCallback(teacher=tiny_model(num_layers=LAYERS - 1), hidden_weight=0.5)
+    with pytest.raises(ValueError, match="original depth"):
+        fast_trainer(tmp_path, callbacks=[distil], max_steps=1).fit(TinyLM(), loader())
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(teacher="dense"), "`teacher` must be one of"),
+        (dict(alpha=1.5), "`alpha`"),
+        (dict(temperature=0.0), "`temperature`"),
+        (dict(top_k=0), "`top_k`"),
+        (dict(hidden_weight=-1.0), "`hidden_weight`"),
+        (dict(teacher_dtype="int8"), "`teacher_dtype` must be one of"),
+        (dict(chunk_size=0), "`chunk_size`"),
+    ],
+)
+def test_bad_arguments_are_refused_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DistillationCallback(**kwargs)
+
+
+# ============================================================================================ checkpoints
+def _params(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("teacher", ["initial", "before_first_prune"])
+def test_resume_after_a_removal_with_kd_equals_the_uninterrupted_run(tmp_path, teacher):
+    def run(root, max_steps, checkpoint=None, ckpt=None):
+        module, distil = TinyLM(lr=1e-2, scheduler=True), DistillationCallback(teacher=teacher, alpha=0.5)
+        callbacks = [distil, LayerPruneCallback(num_layers=2, at_steps=[3]), *([checkpoint] if checkpoint else [])]
+        trainer = fast_trainer(root, callbacks=callbacks, max_steps=max_steps, enable_checkpointing=checkpoint is not None)
+        trainer.fit(module, loader(length=16), ckpt_path=ckpt)
+        return module, distil
+
+    full, full_distil = run(tmp_path / "full", 8)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
+    run(tmp_path / "crash", 4, checkpoint)
+    resumed, resumed_distil = run(tmp_path / "resume", 8, ckpt=str(tmp_path / "ckpt" / "epoch=0-step=4.ckpt"))
+    assert resumed_distil.teacher_taken_at == full_distil.teacher_taken_at
+    assert len(get_decoder_layers(resumed_distil.teacher)) == LAYERS
+    for (k, a), b in zip(_params(full_distil.teacher).items(), _params(resumed_distil.teacher).values()):
+        assert torch.equal(a, b), k
+    for (k, a), b in zip(_params(full).items(), _params(resumed).values()):
+        torch.testing.assert_close(a, b, msg=k)
+
+
+def test_resume_with_teacher_initial_from_a_checkpoint_without_it_is_refused(tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    fast_trainer(tmp_path, callbacks=[checkpoint], max_steps=2, enable_checkpointing=True).fit(TinyLM(), loader())
+    trainer = fast_trainer(tmp_path, callbacks=[DistillationCallback(teacher="initial")], max_steps=4)
+    with pytest.raises(ValueError, match="holds no teacher"):
+        trainer.fit(TinyLM(), loader(), ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=2.ckpt"))
+
+
+def test_resume_with_another_teacher_module_is_refused(tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    distil = DistillationCallback(teacher=tiny_model(seed=1))
+    fast_trainer(tmp_path, callbacks=[distil, checkpoint], max_steps=2, enable_checkpointing=True).fit(TinyLM(), loader())
+    again = DistillationCallback(teacher=tiny_model(seed=2))
+    with pytest.raises(ValueError, match="differs from the run's"):
+        fast_trainer(tmp_path, callbacks=[again], max_steps=4).fit(TinyLM(), loader(), ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=2.ckpt"))
+
+
+def test_the_same_teacher_module_resumes(tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    teacher = tiny_model(seed=1)
+    fast_trainer(tmp_path, callbacks=[DistillationCallback(teacher=copy.deepcopy(teacher)), checkpoint], max_steps=2,
+                 enable_checkpointing=True).fit(TinyLM(), loader())
+    distil = DistillationCallback(teacher=teacher)
+    fast_trainer(tmp_path, callbacks=[distil], max_steps=4).fit(TinyLM(), loader(), ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=2.ckpt"))
+    assert distil.last["kd_loss"] > 0
+
+
+# ============================================================================================ DDP
+def test_two_process_ddp_equals_a_single_process(tmp_path):
+    script = os.path.join(os.path.dirname(__file__), "ddp_distill_script.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    for mode in ("single", "ddp"):
+        result = subprocess.run([sys.executable, script, str(tmp_path), mode], capture_output=True, text=True,
+                                timeout=300, env=env, cwd=os.path.dirname(os.path.dirname(script)))
+        assert result.returncode == 0, result.stderr[-4000:]
+    single = torch.load(tmp_path / "single_rank0.pt", weights_only=False)
+    rank0, rank1 = (torch.load(tmp_path / f"ddp_rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert rank0["teacher_fingerprint"] == rank1["teacher_fingerprint"] == single["teacher_fingerprint"]
+    assert rank0["num_layers"] == single["num_layers"] == LAYERS - 2
+    for name, value in single["state"].items():
+        assert torch.equal(rank0["state"][name], rank1["state"][name]), name  # the ranks never diverged
+        torch.testing.assert_close(rank0["state"][name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_the_package_causal_lm_module_needs_no_change(tmp_path):
+    from lp_callbacks.harness.module import CausalLMModule
+
+    distil = DistillationCallback(teacher="before_first_prune", alpha=1.0, top_k=8)
+    module = CausalLMModule(tiny_model().train(), lr=1e-3)
+    fast_trainer(tmp_path, callbacks=[distil, LayerPruneCallback(num_layers=2, at_steps=[1])], max_steps=3).fit(module, loader())
+    assert distil.teacher_taken_at == 1 and distil.last["kd_loss"] > 0
