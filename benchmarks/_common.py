@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import os
 import statistics
 import sys
 import time
@@ -15,6 +17,44 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lp_callbacks.harness.data import shakespeare_files  # noqa: E402
 from lp_callbacks.harness.models import load_smollm2  # noqa: E402
+
+# Standard-library modules whose docstrings are mostly prose (modern English, held out from training).
+OOD_MODULES = ("subprocess", "shelve", "heapq", "sqlite3", "http.cookiejar", "unittest", "pickle", "difflib")
+# Plays never trained on: the in-domain held-out set.
+HELD_OUT_PLAYS = ("tempest_gut.txt", "twelfth_night_gut.txt")
+
+
+def spread_blocks(ids: torch.Tensor, seq_len: int, num_blocks: int) -> torch.Tensor:
+    """``num_blocks`` windows of ``seq_len`` tokens spread evenly over ``ids``: ``(N, T)``."""
+    if ids.numel() < seq_len * num_blocks:
+        raise ValueError(f"{ids.numel()} tokens cannot give {num_blocks} disjoint blocks of {seq_len}")
+    starts = torch.linspace(0, ids.numel() - seq_len, num_blocks).long()
+    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+
+
+def out_of_domain_text() -> str:
+    """Modern English prose shipped with every CPython: its LICENSE and a few modules' docstrings."""
+    license_txt = Path(os.__file__).parent / "LICENSE.txt"
+    parts = [license_txt.read_text(encoding="utf-8")] if license_txt.is_file() else []
+    parts += [importlib.import_module(name).__doc__ or "" for name in OOD_MODULES]
+    return "\n\n".join(parts)
+
+
+def heal_data(tokenizer, steps: int, batch_size: int, seq_len: int, eval_tokens: int, calibration_blocks: int = 8) -> dict:
+    """Training blocks and calibration blocks from the training plays; the first ``eval_tokens`` token ids of the
+    held-out plays (in domain) and of the out-of-domain prose, as 1-D tensors for a perplexity protocol."""
+    encode = lambda text: torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)  # noqa: E731
+    files = shakespeare_files()
+    train_files = [p for p in files if p.name not in HELD_OUT_PLAYS][:8]
+    train_ids = encode("\n".join(p.read_text(encoding="utf-8") for p in train_files))
+    blocks = spread_blocks(train_ids, seq_len, steps * batch_size + calibration_blocks)
+    held_out = encode("\n".join(p.read_text(encoding="utf-8") for p in files if p.name in HELD_OUT_PLAYS))
+    out_of_domain = encode(out_of_domain_text())
+    for name, ids in (("held-out plays", held_out), ("out-of-domain prose", out_of_domain)):
+        if ids.numel() < eval_tokens:
+            raise ValueError(f"only {ids.numel()} tokens of {name}, asked for eval_tokens={eval_tokens}")
+    return {"train": blocks[: steps * batch_size], "calibration": blocks[steps * batch_size :],
+            "in_domain": held_out[:eval_tokens], "out_of_domain": out_of_domain[:eval_tokens]}
 
 
 def real_model():

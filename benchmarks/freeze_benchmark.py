@@ -22,9 +22,7 @@ To run:
 from __future__ import annotations
 
 import argparse
-import importlib
 import math
-import os
 import statistics
 import sys
 import time
@@ -37,17 +35,12 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import Blocks, StepTimer  # noqa: E402
+from _common import HELD_OUT_PLAYS, Blocks, StepTimer, out_of_domain_text, spread_blocks  # noqa: E402
 
 from lp_callbacks.callbacks.layer_freeze import LayerFreezeCallback  # noqa: E402
 from lp_callbacks.harness.data import shakespeare_files  # noqa: E402
 from lp_callbacks.harness.models import load_smollm2  # noqa: E402
 from lp_callbacks.harness.module import CausalLMModule  # noqa: E402
-
-# Standard-library modules whose docstrings are mostly prose (modern English, held out from training).
-_OOD_MODULES = ("subprocess", "shelve", "heapq", "sqlite3", "http.cookiejar", "unittest", "pickle", "difflib")
-# Plays never trained on: the in-domain held-out set.
-_HELD_OUT_PLAYS = ("tempest_gut.txt", "twelfth_night_gut.txt")
 
 
 def parse_args() -> argparse.Namespace:
@@ -64,26 +57,11 @@ def parse_args() -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------------------------------------ data
-def spread_blocks(ids: torch.Tensor, seq_len: int, num_blocks: int) -> torch.Tensor:
-    """``num_blocks`` windows of ``seq_len`` tokens spread evenly over ``ids``: ``(N, T)``."""
-    if ids.numel() < seq_len * num_blocks:
-        raise ValueError(f"{ids.numel()} tokens cannot give {num_blocks} disjoint blocks of {seq_len}")
-    starts = torch.linspace(0, ids.numel() - seq_len, num_blocks).long()
-    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
-
-
-def out_of_domain_text() -> str:
-    license_txt = Path(os.__file__).parent / "LICENSE.txt"
-    parts = [license_txt.read_text(encoding="utf-8")] if license_txt.is_file() else []
-    parts += [importlib.import_module(name).__doc__ or "" for name in _OOD_MODULES]
-    return "\n\n".join(parts)
-
-
 def datasets(tokenizer, args: argparse.Namespace) -> dict[str, torch.Tensor]:
     encode = lambda text: torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)  # noqa: E731
     files = shakespeare_files()
-    held_out = [p for p in files if p.name in _HELD_OUT_PLAYS]
-    train_files = [p for p in files if p.name not in _HELD_OUT_PLAYS][:8]
+    held_out = [p for p in files if p.name in HELD_OUT_PLAYS]
+    train_files = [p for p in files if p.name not in HELD_OUT_PLAYS][:8]
     train_ids = encode("\n".join(p.read_text(encoding="utf-8") for p in train_files))
     num_train = args.steps * args.batch_size
     train = spread_blocks(train_ids, args.seq_len, num_train + args.calibration_blocks)

@@ -180,6 +180,18 @@ def test_domain_adaptation_end_to_end_tiny(tmp_path, capsys):
     assert len(frozen) == 3  # fraction_frozen 0.5 of 6
 
 
+
+def test_distill_heal_end_to_end_tiny(tmp_path, capsys):
+    def shrink(config):
+        callback(config, "LayerPruneCallback").update(num_layers=2, gradual={"start_step": 2, "end_step": 4, "num_events": 2})
+
+    code, out, err = run(tiny_run(ROOT / "configs" / "distill_heal.yaml", tmp_path, shrink), capsys)
+    assert code == 0, err
+    assert "4 decoder blocks at the end (of 6)" in out
+    summary = json.loads((tmp_path / "run" / "depth" / "summary.json").read_text())
+    assert summary["loss"]["after"] is not None  # read from distill/lm_loss, logged by the distiller every step
+    assert [e["loss_after"] is not None for e in summary["events"]] == [True, True]
+
 @pytest.mark.slow
 def test_main_job_builds_the_real_model(tmp_path):
     """The main job as configured (SmolLM2-135M, Shakespeare), built but not run."""

@@ -72,7 +72,10 @@ class DistillationCallback(Callback):
     a teacher exists stops the run with an error, rather than training silently without distillation.
 
     KD is ``T^2 * KL(teacher || student)`` of the next-token distributions over the real positions (labels not
-    ``-100``, or the attention mask), computed in fp32 chunks (:func:`~lp_callbacks.distillation.kd_loss`). With
+    ``-100``, or the attention mask), computed in fp32 chunks (:func:`~lp_callbacks.distillation.kd_loss`). The terms
+    are logged as ``distill/kd_loss``, ``distill/lm_loss`` (also before the teacher exists) and ``distill/hidden_loss``;
+    the loss the module logs (``train_loss``) is the mixed one, so give ``DepthEfficiencyMonitor(loss_key=
+    "distill/lm_loss")`` for perplexities of the LM loss. With
     ``hidden_weight > 0``, ``hidden_weight * (1 - cos)`` between each surviving block's output and the output of the
     block of the same original index in the teacher is added (a full-depth teacher).
 
@@ -255,7 +258,10 @@ class DistillationCallback(Callback):
         return None
 
     def _after_student_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        if not self._active(module) or getattr(output, "loss", None) is None:
+        if getattr(output, "loss", None) is None or not (module.training and torch.is_grad_enabled()):
+            return None
+        if self.teacher is None:  # no teacher yet: the LM loss stays, and is logged as the LM part
+            self.last = {"lm_loss": float(output.loss.detach())}
             return None
         inputs = dict(kwargs)
         if args:
@@ -312,12 +318,10 @@ class DistillationCallback(Callback):
 
     # ================================================================ per batch
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        self._applied = False
+        self._applied, self.last = False, {}
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.teacher is None:
-            return
-        if not self._applied:
+        if self.teacher is not None and not self._applied:
             raise RuntimeError(
                 "DistillationCallback: this training batch ran without distillation: the student's forward got no"
                 " `labels` (so it returned no loss to replace) and `DistillationCallback.loss` was not called. Pass"
