@@ -21,7 +21,8 @@ from torch import Tensor
 from lp_callbacks.architectures import find_hf_model, get_decoder_layers
 from lp_callbacks.flops import count_parameters, flops_per_token
 
-__all__ = ["batch_seq_len", "bi_stats", "count_tokens", "effective_depth", "model_size", "peak_memory_bytes"]
+__all__ = ["batch_seq_len", "bi_log_metrics", "bi_stats", "count_tokens", "effective_depth", "model_size",
+           "peak_memory_bytes"]
 
 
 def effective_depth(block_influence: Tensor | Sequence[float]) -> float | None:
@@ -55,6 +56,22 @@ def bi_stats(block_influence: Tensor, threshold: float | None) -> dict[str, floa
     if depth is not None:
         out["effective_depth"] = depth
     return out
+
+
+def bi_log_metrics(
+    prefix: str, original_indices: Sequence[int], block_influence: Tensor, threshold: float
+) -> dict[str, float]:
+    """What :class:`~lp_callbacks.BlockInfluenceMonitor` logs of a BI vector: ``{prefix}/layer_XX`` per block
+    (original numbering), ``min``, ``max``, ``mean`` and ``num_below_threshold`` of the finite values, ``num_layers``."""
+    metrics = {f"{prefix}/layer_{orig:02d}": float(v) for orig, v in zip(original_indices, block_influence)}
+    finite = block_influence[torch.isfinite(block_influence)]
+    if finite.numel():
+        metrics[f"{prefix}/min"] = float(finite.min())
+        metrics[f"{prefix}/max"] = float(finite.max())
+        metrics[f"{prefix}/mean"] = float(finite.mean())
+        metrics[f"{prefix}/num_below_threshold"] = float((finite < threshold).sum())
+    metrics[f"{prefix}/num_layers"] = float(len(original_indices))
+    return metrics
 
 
 def count_tokens(batch: Any) -> int | Tensor:

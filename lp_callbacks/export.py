@@ -1,16 +1,16 @@
-"""Safe, atomic export of a (pruned) Hugging Face model: the one place that writes an export directory.
-
-Two functions:
+"""Safe, atomic export of a (pruned) Hugging Face model, and the one routine that writes a directory atomically.
 
 * :func:`check_export_dir` validates the target at setup, before any training step, so that a run which would
   overwrite user data fails in seconds instead of after hours of training.
-* :func:`save_export` writes ``save_pretrained`` (+ tokenizer, + :data:`RECORD_FILE`) into a hidden temporary
-  sibling and swaps it in with renames. PEFT adapters are merged into a copy of the model, so the export loads
-  with a plain ``AutoModelForCausalLM.from_pretrained(directory)``; the training model is left untouched.
+* :func:`save_export` writes ``save_pretrained`` (+ tokenizer, + :data:`RECORD_FILE`) with
+  :func:`write_dir_atomically`. PEFT adapters are merged into a copy of the model, so the export loads with a plain
+  ``AutoModelForCausalLM.from_pretrained(directory)``; the training model is left untouched.
+* :func:`write_dir_atomically` fills a hidden temporary sibling and swaps it in with renames; the harness's model
+  cache is written with it too.
 
-Only an *earlier export of this package* (a directory holding :data:`RECORD_FILE`) or an empty directory is ever
-replaced. Leftovers of a killed process (names ``.{name}.lp-tmp-*`` and ``.{name}.lp-old-*`` next to the target)
-are cleaned, or restored, on the next call for the same target.
+Only a directory this package wrote (one holding its marker file, :data:`RECORD_FILE` for an export) or an empty
+directory is ever replaced. Leftovers of a killed process (names ``.{name}.lp-tmp-*`` and ``.{name}.lp-old-*`` next
+to the target) are cleaned, or restored, on the next call for the same target.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from torch import nn
 
 from lp_callbacks.architectures import input_embeddings, output_embeddings
 
-__all__ = ["RECORD_FILE", "check_export_dir", "save_export"]
+__all__ = ["RECORD_FILE", "check_export_dir", "save_export", "write_dir_atomically"]
 
 RECORD_FILE = "lp_pruning.json"
 """Written into every export; marks a directory as this package's own export, which may be replaced."""
@@ -38,6 +38,7 @@ RECORD_FILE = "lp_pruning.json"
 _TMP = "lp-tmp-"  # .{name}.lp-tmp-XXXX: an export being written, or an old one being deleted
 _OLD = "lp-old-"  # .{name}.lp-old-XXXX: the previous export, renamed aside during the swap
 _SHOWN_ENTRIES = 5
+_EXPORT = "an earlier lp_callbacks export"  # what an export target may replace, as messages name it
 
 
 # ============================================================================ directory rule
@@ -53,15 +54,18 @@ def _entries(directory: Path) -> str:
     return shown + (f", ... {more} more" if more > 0 else "")
 
 
-def _check_target(target: Path, argument: str) -> None:
-    """The rule, in one place: raise ``ValueError`` unless ``target`` may be (re)placed by an export."""
-    advice = "Choose a new or empty directory (or an earlier lp_callbacks export, which is replaced)."
-    if target.is_symlink():
-        raise ValueError(
-            f"`{argument}` must be a new directory, an empty directory or an earlier lp_callbacks export; "
-            f"got {str(target)!r}, which is a symbolic link (to {os.readlink(target)!r}). Name the real directory "
-            f"instead. {advice}"
+def _check_target(target: Path, argument: str, marker: str = RECORD_FILE, kind: str = _EXPORT) -> None:
+    """The rule, in one place: raise ``ValueError`` unless ``target`` may be (re)placed: it is new, empty, or
+    ``kind`` (a directory of this package, holding ``marker``)."""
+
+    def refused(found: str, new: str = "a new directory") -> ValueError:
+        return ValueError(
+            f"`{argument}` must be {new}, an empty directory or {kind}; got {str(target)!r}, {found}. Choose a new or"
+            f" empty directory (or {kind}, which is replaced)."
         )
+
+    if target.is_symlink():
+        raise refused(f"which is a symbolic link (to {os.readlink(target)!r}). Name the real directory instead")
     if not target.exists():
         ancestor = target.parent
         while not ancestor.exists() and ancestor != ancestor.parent:
@@ -72,29 +76,19 @@ def _check_target(target: Path, argument: str) -> None:
             why = f"there is no write permission in {str(ancestor)!r}"
         else:
             return
-        raise ValueError(
-            f"`{argument}` must be a new directory that can be created, an empty directory or an earlier "
-            f"lp_callbacks export; got {str(target)!r}, which cannot be created: {why}. {advice}"
-        )
+        raise refused(f"which cannot be created: {why}", new="a new directory that can be created")
     if not target.is_dir():
-        raise ValueError(
-            f"`{argument}` must be a new directory, an empty directory or an earlier lp_callbacks export; got "
-            f"{str(target)!r}, which is an existing file. {advice}"
-        )
-    if (target / RECORD_FILE).is_file():
+        raise refused("which is an existing file")
+    if (target / marker).is_file():
         return
     try:
         if not any(target.iterdir()):
             return
     except PermissionError as error:
-        raise ValueError(
-            f"`{argument}` must be a new directory, an empty directory or an earlier lp_callbacks export; got "
-            f"{str(target)!r}, a directory whose entries cannot be read ({error.strerror}). {advice}"
-        ) from error
-    raise ValueError(
-        f"`{argument}` must be a new directory, an empty directory or an earlier lp_callbacks export; got "
-        f"{str(target)!r}, a non-empty directory that is not an earlier lp_callbacks export (no {RECORD_FILE}) "
-        f"and would be replaced as a whole. It holds: {_entries(target)}. {advice}"
+        raise refused(f"a directory whose entries cannot be read ({error.strerror})") from error
+    raise refused(
+        f"a non-empty directory that is not {kind} (no {marker}) and would be replaced as a whole."
+        f" It holds: {_entries(target)}"
     )
 
 
@@ -108,10 +102,6 @@ def _siblings(target: Path, kind: str) -> list[Path]:
     return sorted(found)
 
 
-def _is_export(path: Path) -> bool:
-    return (path / RECORD_FILE).is_file()
-
-
 def _discard(path: Path, target: Path) -> None:
     """Delete our ``lp-old`` copy ``path`` of ``target``: first rename it to a ``lp-tmp`` name, so a kill mid-way
     leaves only a tmp leftover (cleaned next time), never a half-deleted ``lp-old`` copy that could be restored."""
@@ -123,14 +113,14 @@ def _discard(path: Path, target: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def _recover(target: Path) -> None:
-    """Clean up after a process killed inside :func:`save_export` (``finally`` does not run on ``SIGKILL``).
+def _recover(target: Path, marker: str = RECORD_FILE) -> None:
+    """Clean up after a process killed inside :func:`write_dir_atomically` (``finally`` does not run on ``SIGKILL``).
 
-    Killed between the two renames of the swap, the target is missing and the previous export sits complete in
+    Killed between the two renames of the swap, the target is missing and the previous directory sits complete in
     ``.{name}.lp-old-*``: rename it back first. Then remove ``.{name}.lp-tmp-*`` directories (ours by name) and
-    any remaining ``lp-old`` copies that hold :data:`RECORD_FILE`. Nothing else is touched.
+    any remaining ``lp-old`` copies that hold ``marker``. Nothing else is touched.
     """
-    olds = [p for p in _siblings(target, _OLD) if _is_export(p)]
+    olds = [p for p in _siblings(target, _OLD) if (p / marker).is_file()]
     if olds and not target.exists() and not target.is_symlink():
         newest = max(olds, key=lambda p: p.stat().st_mtime)
         try:
@@ -290,12 +280,12 @@ def _make_readable(directory: Path) -> None:
             path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
-def _swap(tmp: Path, target: Path) -> None:
-    """Put the finished ``tmp`` at ``target``: at no moment is a half-deleted export at ``target``."""
+def _swap(tmp: Path, target: Path, marker: str) -> None:
+    """Put the finished ``tmp`` at ``target``: at no moment is a half-deleted directory of ours at ``target``."""
     if not target.exists():
         tmp.rename(target)  # fails (no data loss) if a non-empty directory or a file appeared meanwhile
         return
-    if not _is_export(target):  # empty (checked just before): nothing to keep
+    if not (target / marker).is_file():  # empty (checked just before): nothing to keep
         target.rmdir()
         tmp.rename(target)
         return
@@ -309,6 +299,64 @@ def _swap(tmp: Path, target: Path) -> None:
     _discard(aside, target)
 
 
+def write_dir_atomically(
+    directory: str | os.PathLike,
+    fill: Callable[[Path], Any],
+    *,
+    argument: str,
+    marker: str = RECORD_FILE,
+    kind: str = _EXPORT,
+    recover: bool = True,
+    is_same: Callable[[Path], bool] | None = None,
+) -> Path:
+    """Write a directory atomically: ``fill(tmp)`` writes everything, then ``tmp`` takes the place of ``directory``.
+
+    The target must be new, empty or ``kind`` (a directory of this package: it holds ``marker``); the rule is
+    checked first (after cleaning the leftovers of a killed writer, with ``recover``) and again right before the
+    swap. ``fill`` writes into a hidden sibling ``.{name}.lp-tmp-*`` in the same parent, ``marker`` last (its
+    presence marks a complete directory); the result is made readable per the umask and swapped in: a directory of
+    ours already there is renamed aside to ``.{name}.lp-old-*``, the new one renamed into place, the old one deleted.
+    On any error the temporary directory is removed and what was at the target stays there.
+
+    Args:
+        directory: the target; ``~`` is expanded; missing parents are created.
+        fill: ``tmp -> None``, writes the content, ``marker`` last.
+        argument: the user-facing name of ``directory`` for error messages (e.g. ``"export_dir"``).
+        marker: the file that marks a complete directory of this package, which may be replaced.
+        kind: what such a directory is, in messages (``"an earlier lp_callbacks export"``).
+        recover: clean the leftovers of a killed writer first; ``False`` where several processes may write the same
+            target at once (a live temporary directory of another process must not be deleted).
+        is_same: ``target -> bool``, whether the target already holds what ``fill`` wrote (another process, e.g. a
+            DDP rank, finished the same meanwhile): then it is kept and ours dropped.
+
+    Returns:
+        The absolute path of the target.
+
+    Raises:
+        ValueError: the target is refused (see :func:`check_export_dir` for the rule).
+    """
+    target = _target(directory)
+    if recover:
+        _recover(target, marker)
+    _check_target(target, argument, marker, kind)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{_TMP}", dir=target.parent))
+    try:
+        fill(tmp)
+        _make_readable(tmp)
+        if is_same is not None and is_same(target):
+            return target
+        _check_target(target, argument, marker, kind)  # the directory may have changed while we were writing
+        try:
+            _swap(tmp, target, marker)
+        except OSError:
+            if is_same is None or not is_same(target):  # not another process's copy of the same, renamed in between
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
 def save_export(
     model: nn.Module,
     directory: str | os.PathLike,
@@ -319,11 +367,8 @@ def save_export(
 ) -> Path:
     """``save_pretrained`` ``model`` (+ tokenizer, + :data:`RECORD_FILE`) to ``directory``, atomically.
 
-    The target is checked with the rule of :func:`check_export_dir` (leftovers of a killed export are cleaned
-    first) right before writing, and again right before the swap. Everything is written into a hidden sibling
-    ``.{name}.lp-tmp-*`` in the same parent, made readable per the umask, then swapped in: an earlier export is
-    renamed aside to ``.{name}.lp-old-*``, the new one renamed into place, and the old one deleted. On any error the
-    temporary directory is removed and an earlier export stays where it was.
+    The target is checked with the rule of :func:`check_export_dir` before anything is done, then written with
+    :func:`write_dir_atomically`: on any error an earlier export stays where it was.
 
     A model with PEFT adapters (a ``PeftModel``, or a Hugging Face model with adapters injected, such as the one
     :func:`~lp_callbacks.architectures.find_hf_model` finds inside a ``PeftModel``) is exported as a merged deep
@@ -352,9 +397,7 @@ def save_export(
         >>> sorted(p.name for p in out.iterdir())[-2:]
         ['lp_pruning.json', 'model.safetensors']
     """
-    target = _target(directory)
-    _recover(target)
-    _check_target(target, argument)
+    check_export_dir(directory, argument)
     text = json.dumps(dict(record), indent=2)  # fail before writing anything
     if not callable(getattr(model, "save_pretrained", None)):
         raise TypeError(
@@ -362,16 +405,11 @@ def save_export(
             f"{type(model).__name__}."
         )
     exported = _exportable(model)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{_TMP}", dir=target.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         exported.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / RECORD_FILE).write_text(text)  # last: its presence marks a complete export
-        _make_readable(tmp)
-        _check_target(target, argument)  # the directory may have changed while we were writing
-        _swap(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    return write_dir_atomically(directory, fill, argument=argument)

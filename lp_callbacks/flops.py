@@ -115,7 +115,9 @@ def _first(config: Any, *names: str) -> Any:
     return None
 
 
-def _need(config: Any, value: Any, what: str, names: tuple[str, ...]) -> int:
+def _need(config: Any, what: str, *names: str) -> int:
+    """The first of the config fields ``names`` that is set, as an int; raises naming ``what`` and the fields."""
+    value = _first(config, *names)
     if value is None:
         raise ValueError(
             f"Cannot read the {what} from {type(config).__name__} (model_type={getattr(config, 'model_type', None)!r}):"
@@ -136,12 +138,9 @@ def transformer_dims(config: Any, num_layers: int | None = None) -> TransformerD
     """
     config = _text_config(config)
     model_type = str(getattr(config, "model_type", "") or "")
-    hidden = _need(config, _first(config, "hidden_size", "n_embd", "d_model"), "hidden size",
-                   ("hidden_size", "n_embd", "d_model"))
-    heads = _need(config, _first(config, "num_attention_heads", "n_head"), "number of attention heads",
-                  ("num_attention_heads", "n_head"))
-    layers = num_layers if num_layers is not None else _need(
-        config, _first(config, "num_hidden_layers", "n_layer"), "number of layers", ("num_hidden_layers", "n_layer"))
+    hidden = _need(config, "hidden size", "hidden_size", "n_embd", "d_model")
+    heads = _need(config, "number of attention heads", "num_attention_heads", "n_head")
+    layers = num_layers if num_layers is not None else _need(config, "number of layers", "num_hidden_layers", "n_layer")
     head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
 
     if model_type == "falcon":  # its num_kv_heads property is only honoured with the new decoder architecture
@@ -159,7 +158,7 @@ def transformer_dims(config: Any, num_layers: int | None = None) -> TransformerD
     else:
         intermediate = int(_first(config, "intermediate_size", "n_inner", "ffn_dim") or 4 * hidden)
 
-    vocab = _need(config, getattr(config, "vocab_size", None), "vocabulary size", ("vocab_size",))
+    vocab = _need(config, "vocabulary size", "vocab_size")
     output_dim = int(getattr(config, "word_embed_proj_dim", None) or hidden) if model_type == "opt" else hidden
 
     layer_types = getattr(config, "layer_types", None)

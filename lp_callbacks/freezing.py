@@ -1,5 +1,5 @@
 """What :class:`~lp_callbacks.LayerFreezeCallback` freezes: how many blocks, which ones, and the modules frozen
-whatever BI says (embeddings, LM head, final norm, named modules); argument checks of its amounts and scores.
+whatever BI says (embeddings, LM head, final norm, named modules); checks of its scores and warm-up; what it logs.
 
 Example:
     >>> count_frozen("fraction_frozen", 0.5, num_layers=30)
@@ -19,40 +19,22 @@ from torch import Tensor, nn
 
 from lp_callbacks.architectures import DecoderStack, input_embeddings, output_embeddings
 from lp_callbacks.selection import highest_scores
-from lp_callbacks.validation import check_fraction, check_int
 
 __all__ = [
-    "AMOUNTS",
-    "check_amount",
     "check_scores",
+    "check_warmup",
     "count_frozen",
+    "enable_input_require_grads",
+    "freeze_metrics",
     "optimizer_state_bytes",
     "resolve_names",
     "resolve_protected",
     "select_frozen",
+    "training_sizes",
     "unique_params",
     "uses_checkpointing",
     "warn_if_tied",
 ]
-
-#: The arguments that say how many blocks to freeze (exactly one is given).
-AMOUNTS = ("num_trainable", "fraction_trainable", "num_frozen", "fraction_frozen")
-
-
-def check_amount(amounts: Mapping[str, Any]) -> tuple[str, int | float]:
-    """``(name, value)`` of the one amount of :data:`AMOUNTS` given; raises unless exactly one is, and valid."""
-    given = {name: value for name, value in amounts.items() if value is not None}
-    if len(given) != 1:
-        raise ValueError(
-            f"Pass exactly one of {', '.join(f'`{n}`' for n in AMOUNTS)} (how many blocks to freeze),"
-            f" got {given or 'none'}."
-        )
-    (name, value), = given.items()
-    if name.startswith("num_"):
-        check_int(name, value, minimum=1)
-    else:
-        check_fraction(name, value)
-    return name, value
 
 
 def check_scores(scores: Any) -> Tensor | None:
@@ -70,6 +52,15 @@ def check_scores(scores: Any) -> Tensor | None:
     if not bool(torch.isfinite(values).all()):
         raise ValueError(f"`scores` must be finite, got {values.tolist()}.")
     return values
+
+
+def check_warmup(warmup_steps: int, max_steps: int | None) -> None:
+    """Refuse a warm-up that a run of ``max_steps`` (``None`` or ``-1``: no limit) never ends."""
+    if warmup_steps and max_steps is not None and max_steps > 0 and warmup_steps >= max_steps:
+        raise ValueError(
+            f"`warmup_steps` must be smaller than the Trainer's max_steps={max_steps} (the blocks are frozen"
+            f" when the warm-up ends), got {warmup_steps}."
+        )
 
 
 def count_frozen(mode: str, amount: int | float, num_layers: int) -> int:
@@ -172,6 +163,24 @@ def optimizer_state_bytes(optimizers: Iterable[torch.optim.Optimizer]) -> int:
     return total
 
 
+def training_sizes(module: nn.Module, optimizers: Iterable[torch.optim.Optimizer]) -> dict[str, int]:
+    """``trainable_params``, ``frozen_params`` of ``module`` and the ``optimizer_state_bytes`` of ``optimizers``."""
+    params = list(module.parameters())
+    return {
+        "trainable_params": sum(p.numel() for p in params if p.requires_grad),
+        "frozen_params": sum(p.numel() for p in params if not p.requires_grad),
+        "optimizer_state_bytes": optimizer_state_bytes(optimizers),
+    }
+
+
+def freeze_metrics(prefix: str, sizes: Mapping[str, int], num_layers: int, frozen: int) -> dict[str, float]:
+    """The values :class:`~lp_callbacks.LayerFreezeCallback` logs: ``sizes`` and the frozen / trainable block counts."""
+    metrics = {f"{prefix}/{k}": float(v) for k, v in sizes.items()}
+    metrics[f"{prefix}/frozen_blocks"] = float(frozen)
+    metrics[f"{prefix}/trainable_blocks"] = float(num_layers - frozen)
+    return metrics
+
+
 def select_frozen(scores: Tensor, count: int) -> list[int]:
     """The ``count`` blocks with the highest score (ties: lower index first); NaN counts as highest."""
     missing = torch.isnan(scores)
@@ -188,6 +197,18 @@ def uses_checkpointing(model: nn.Module) -> bool:
     for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # new HF name first (no warning)
         if hasattr(type(model), name):
             return bool(getattr(model, name))
+    return False
+
+
+def enable_input_require_grads(model: nn.Module) -> bool:
+    """Reentrant gradient checkpointing with frozen embeddings needs an input that requires grad: turn on HF's
+    ``enable_input_require_grads`` hook when ``model`` checkpoints; whether this call turned it on (``False`` when
+    not needed, or when HF (>= 5) already installed it with checkpointing)."""
+    if not uses_checkpointing(model) or getattr(model, "_require_grads_hook", None) is not None:
+        return False
+    if callable(getattr(model, "enable_input_require_grads", None)):
+        model.enable_input_require_grads()
+        return True
     return False
 
 

@@ -33,6 +33,11 @@ __all__ = ["HISTORY_SIZE", "AngularDistance", "BIHistory", "BlockInfluence", "Ru
 HISTORY_SIZE = 200
 
 
+def _mean(total: Tensor, count: Tensor) -> Tensor:
+    """``total / count`` per position, NaN where nothing was counted (on the device: no host sync)."""
+    return torch.where(count > 0, total / count.clamp_min(1e-300), torch.full_like(total, math.nan))
+
+
 class _PerPositionMean(Metric):
     """Mean of a per-token score at each of ``size`` positions (layers or layer blocks)."""
 
@@ -60,7 +65,7 @@ class _PerPositionMean(Metric):
 
     def compute(self) -> Tensor:
         """Per-position mean, NaN where no token was seen: ``(size,)`` float64."""
-        return torch.where(self.count > 0, self.total / self.count.clamp_min(1), torch.full_like(self.total, float("nan")))
+        return _mean(self.total, self.count)
 
     def _apply(self, fn, *args, **kwargs):
         # Keep float64 sums even under `.to(torch.bfloat16)` (torchmetrics guards `.half()`/`.float()`/`.type()` but
@@ -138,10 +143,7 @@ class RunningMean:
 
     def mean(self) -> Tensor | None:
         """Per-position mean, on the device (no host sync), NaN where nothing was measured."""
-        if self.total is None or self.count is None:
-            return None
-        total, count = self.total, self.count
-        return torch.where(count > 0, total / count.clamp_min(1e-300), torch.full_like(total, math.nan))
+        return None if self.total is None or self.count is None else _mean(self.total, self.count)
 
     def state_dict(self) -> dict[str, Any]:
         cpu = lambda t: None if t is None else t.cpu()  # noqa: E731

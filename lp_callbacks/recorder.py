@@ -95,11 +95,9 @@ class BlockInfluenceRecorder:
         self.num_layers = len(layers)
         device = next((p.device for p in layers.parameters()), torch.device("cpu"))
         self.bi_metric = BlockInfluence(self.num_layers, sync_on_compute=True).to(device)
-        self.angular_metrics = {
-            n: AngularDistance(self.num_layers, n, sync_on_compute=True).to(device)
-            for n in self.block_sizes
-            if n <= self.num_layers
-        }
+        self.angular_metrics = {}
+        for n in self.block_sizes:
+            self._add_angular_metric(n)
         self._handles.append(self.stack.owner.register_forward_pre_hook(self._on_owner_forward, with_kwargs=True))
         for index, layer in enumerate(layers):
             self._handles.append(layer.register_forward_hook(self._layer_hook(index), with_kwargs=True))
@@ -122,9 +120,25 @@ class BlockInfluenceRecorder:
         if block_size in self.block_sizes:
             return
         self.block_sizes = tuple(sorted({*self.block_sizes, block_size}))
-        if block_size <= self.num_layers:
-            device = self.bi_metric.total.device
-            self.angular_metrics[block_size] = AngularDistance(self.num_layers, block_size, sync_on_compute=True).to(device)
+        self._add_angular_metric(block_size)
+
+    def _add_angular_metric(self, block_size: int) -> None:
+        if block_size <= self.num_layers:  # on the device of the BI metric
+            metric = AngularDistance(self.num_layers, block_size, sync_on_compute=True)
+            self.angular_metrics[block_size] = metric.to(self.bi_metric.total.device)
+
+    def take_sums(self) -> tuple[tuple[Tensor, Tensor, Tensor], dict[int, tuple[Tensor, Tensor]]]:
+        """The sums recorded since the last reset, reduced across DDP ranks, then :meth:`reset`: ``(total, count,
+        skipped)`` of BI and ``n -> (total, count)`` of the angular distances. Every rank must call it together."""
+        metric = self.bi_metric
+        with metric.sync_context(should_sync=True):
+            sums = (metric.total.clone(), metric.count.clone(), metric.skipped.clone())
+        angular = {}
+        for n, m in self.angular_metrics.items():
+            with m.sync_context(should_sync=True):
+                angular[n] = (m.total.clone(), m.count.clone())
+        self.reset()
+        return sums, angular
 
     @contextlib.contextmanager
     def recording(self, enabled: bool = True) -> Iterator[BlockInfluenceRecorder]:

@@ -12,7 +12,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -113,6 +113,26 @@ class PruneSchedule:
         if late:
             raise ValueError(f"`at_epochs` has epochs {late} that a run of max_epochs={max_epochs} never ends (epochs are 0-based).")
 
+    def check_reachable(self, total_steps: float, done: Collection[str], limits: str) -> None:
+        """Refuse step events not ``done`` yet past ``total_steps``, the optimizer steps of the whole run (``inf``:
+        unknown), which ``limits`` (the Trainer's settings, for the message) give."""
+        late = [s for s in self.steps if math.isfinite(total_steps) and s > total_steps and f"step:{s}" not in done]
+        if late:
+            raise ValueError(
+                f"`at_steps`/`gradual` has steps {late} that this run never reaches: it ends after {int(total_steps)}"
+                f" optimizer steps ({limits})."
+            )
+
+    def check_measured(self, every_n_steps: int) -> None:
+        """Refuse step events with no training step measured since the previous event (:func:`unmeasured_events`)."""
+        gaps = unmeasured_events(self.steps, every_n_steps)
+        if gaps:
+            raise ValueError(
+                f"LayerPruneCallback: the events at steps {gaps} have no measured step since the previous event"
+                f" (BlockInfluenceMonitor every_n_steps={every_n_steps} measures the steps that start at a"
+                f" multiple of it; events at {list(self.steps)}): lower every_n_steps or move the events."
+            )
+
 
 def plan_removals(
     schedule: PruneSchedule,
@@ -121,10 +141,9 @@ def plan_removals(
     num_layers: int,
     protected: Collection[int],
     min_layers: int,
-    done: Mapping[str, int],
-    refuse: Callable[[str], NoReturn],
+    removed: Sequence[Mapping[str, Any]] = (),
+    criterion: str = "block_influence",
     resumed_at: tuple[int, int] = (0, 0),
-    equal_counts: bool = False,
 ) -> dict[str, int]:
     """How many blocks each event removes: ``event id -> count``, validated against the model before any step.
 
@@ -135,12 +154,24 @@ def plan_removals(
         num_layers: the original depth.
         protected: original indices that are never removed.
         min_layers: the model keeps at least this many blocks.
-        done: ``event id -> count`` of the events already applied (a resumed run); they keep what they removed,
-            the others must lie after the checkpoint and share what is left of the total.
-        refuse: raises for a plan that does not fit the resumed run (the message shows both plans).
+        removed: the records (``event``, ``original_layers``, ``criterion``) of the events already applied (a
+            resumed run); they keep what they removed, the others must lie after the checkpoint and share what is
+            left of the total. A plan that does not fit is refused with both plans in the message.
+        criterion: the selection criterion; ``"angular"`` removes as many blocks at every event (one contiguous run
+            each, Gromov).
         resumed_at: ``(global_step, epoch)`` of the checkpoint.
-        equal_counts: every event removes as many blocks (one contiguous run each, Gromov).
     """
+    done = {r["event"]: len(r["original_layers"]) for r in removed}
+
+    def refuse(why: str) -> NoReturn:
+        applied = {r["event"]: r["original_layers"] for r in removed}
+        raise ValueError(
+            f"LayerPruneCallback: cannot resume with this plan: {why}. The checkpoint's run removed {applied or 'nothing'}"
+            f" (criterion {sorted({r['criterion'] for r in removed}) or '-'}); the plan now is events"
+            f" {schedule.event_ids()} removing {'='.join(map(str, amount))} with criterion={criterion!r}. Resume with"
+            " the arguments the run was saved with, or change only events after the checkpoint."
+        )
+
     step, epoch = resumed_at
     future = [e for e in schedule.event_ids() if e not in done]
     past = [e for e in schedule.events_before(step, epoch) if e not in done]
@@ -170,7 +201,7 @@ def plan_removals(
             f" {already + min(removable, len(present) - min_layers)} can go (min_layers={min_layers},"
             f" {len(protected)} protected: {sorted(protected)}); {max(min_layers, len(protected))} must remain."
         )
-    if equal_counts and len(set(counts)) > 1:
+    if criterion == "angular" and len(set(counts)) > 1:
         raise ValueError(f"`criterion='angular'` removes one contiguous block per event: give a total divisible by the {len(future)} events (got {counts}).")
     return {**done, **dict(zip(future, counts))}
 

@@ -15,7 +15,8 @@ from collections.abc import Collection
 import torch
 from torch import Tensor
 
-__all__ = ["CRITERIA", "best_contiguous_block", "highest_scores", "last_layers", "lowest_scores", "random_layers"]
+__all__ = ["CRITERIA", "best_contiguous_block", "choose_layers", "highest_scores", "last_layers", "lowest_scores",
+           "protected_indices", "random_layers"]
 
 #: Selection criteria of :class:`~lp_callbacks.callbacks.LayerPruneCallback`.
 CRITERIA: tuple[str, ...] = ("block_influence", "angular", "last", "random")
@@ -97,3 +98,40 @@ def random_layers(num_layers: int, k: int, protected: Collection[int] = (), seed
     _check_enough(k, candidates, num_layers, protected)
     order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(seed))[:k]
     return sorted(candidates[i] for i in order.tolist())
+
+
+def protected_indices(num_layers: int, first: int, last: int, extra: Collection[int] = ()) -> set[int]:
+    """The first ``first``, the last ``last`` and the ``extra`` indices of ``num_layers`` layers (never removed).
+
+    Raises ``ValueError`` for an ``extra`` index (``protected_layers``) out of range.
+    """
+    bad = [i for i in extra if i >= num_layers]
+    if bad:
+        raise ValueError(f"`protected_layers` must be original block indices in [0, {num_layers - 1}], got {bad}.")
+    return set(range(min(first, num_layers))) | set(range(max(0, num_layers - last), num_layers)) | set(extra)
+
+
+def choose_layers(
+    criterion: str,
+    k: int,
+    num_layers: int,
+    protected: Collection[int] = (),
+    seed: int = 0,
+    scores: Tensor | None = None,
+) -> tuple[list[int], list[float]]:
+    """The ``k`` layers to remove by ``criterion`` (one of :data:`CRITERIA`) and the score of each (``[]`` without).
+
+    ``scores`` are the BI of each layer for ``"block_influence"``, the angular distances over ``k`` layers (see
+    :func:`best_contiguous_block`) for ``"angular"``; ``seed`` seeds ``"random"``.
+    """
+    if criterion == "last":
+        return last_layers(num_layers, k, protected), []
+    if criterion == "random":
+        return random_layers(num_layers, k, protected, seed=seed), []
+    if scores is None:
+        raise ValueError(f"`criterion={criterion!r}` chooses by score: it needs `scores`, got None.")
+    if criterion == "block_influence":
+        chosen = lowest_scores(scores, k, protected)
+        return chosen, [float(scores[i]) for i in chosen]
+    chosen = best_contiguous_block(scores, k, num_layers, protected)
+    return chosen, [float(scores[chosen[0]])] * len(chosen)

@@ -12,9 +12,10 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["check_bool", "check_fraction", "check_int", "check_number"]
+__all__ = ["check_amount", "check_bool", "check_fraction", "check_int", "check_number"]
 
 
 def check_int(name: str, value: Any, minimum: int = 0, allow_none: bool = False) -> Any:
@@ -36,16 +37,22 @@ def check_number(
     high_open: bool = False,
     allow_none: bool = False,
 ) -> Any:
-    """``value`` when it is a real number in the interval ``low``..``high`` (ends open or closed as asked)."""
+    """``value`` when it is a real number in the interval ``low``..``high`` (ends open or closed as asked); the
+    message shows a one-sided interval as ``> low`` (``>=``, ``<``, ``<=``)."""
     if allow_none and value is None:
         return value
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if ok:
         ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
     if not ok:
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        if math.isfinite(low) and math.isinf(high):
+            interval = f"{'>' if low_open else '>='} {low:g}"
+        elif math.isinf(low) and math.isfinite(high):
+            interval = f"{'<' if high_open else '<='} {high:g}"
+        else:
+            interval = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
         extra = " or None" if allow_none else ""
-        raise ValueError(f"`{name}` must be a number in {interval}{extra}, got {value!r}.")
+        raise ValueError(f"`{name}` must be a number {interval}{extra}, got {value!r}.")
     return value
 
 
@@ -59,3 +66,21 @@ def check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"`{name}` must be True or False, got {value!r}.")
     return value
+
+
+def check_amount(amounts: Mapping[str, Any], what: str) -> tuple[str, Any]:
+    """``(name, value)`` of the one amount of ``amounts`` given (not ``None``); raises unless exactly one is, and
+    valid: a number in (0, 1) for a name holding ``fraction``, an int >= 1 for any other.
+
+    Example:
+        >>> check_amount({"num_layers": None, "fraction": 0.25}, "how many blocks to remove")
+        ('fraction', 0.25)
+    """
+    given = {name: value for name, value in amounts.items() if value is not None}
+    if len(given) != 1:
+        names = ", ".join(f"`{name}`" for name in amounts)
+        raise ValueError(f"give exactly one of {names} ({what}), got {given or 'none'}.")
+    ((name, value),) = given.items()
+    if "fraction" in name:
+        return name, check_fraction(name, value)
+    return name, check_int(name, value, minimum=1)

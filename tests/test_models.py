@@ -98,7 +98,7 @@ def test_refuses_to_overwrite_a_foreign_directory(source_dir, tmp_path):
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
-    with pytest.raises(ValueError, match=r"mine is a non-empty directory that is not an lp_callbacks model cache"):
+    with pytest.raises(ValueError, match=r"mine', a non-empty directory that is not an lp_callbacks model cache"):
         load_causal_lm(source_dir, cache_dir=foreign)
     assert (foreign / "notes.txt").read_text() == "keep me"
 

@@ -167,7 +167,7 @@ def test_model_from_a_callable():
         (None, {"betas": (0.9, 1.0)}, ValueError, r"`betas` must be two numbers in \[0, 1\), got \(0.9, 1.0\)"),
         (None, {"lr_schedule": "linear"}, ValueError,
          r"`lr_schedule` must be one of \['constant', 'cosine'\], got 'linear'"),
-        (None, {"warmup_steps": -1}, ValueError, r"`warmup_steps` must be an integer >= 0, got -1"),
+        (None, {"warmup_steps": -1}, ValueError, r"`warmup_steps` must be an int >= 0, got -1"),
         (None, {"warmup_steps": 5, "total_steps": 5}, ValueError,
          r"`total_steps` must be None or an integer > warmup_steps=5, got 5"),
         (None, {"min_lr_ratio": 1.5}, ValueError, r"`min_lr_ratio` must be a number in \[0, 1\], got 1.5"),

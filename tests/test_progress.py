@@ -102,7 +102,7 @@ def test_disabled_prints_nothing():
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True])
 def test_bad_cadence(bad):
-    with pytest.raises(ValueError, match=r"`every_n_steps` must be a positive int or None"):
+    with pytest.raises(ValueError, match=r"`every_n_steps` must be an int >= 1 or None"):
         ProgressLog(every_n_steps=bad)
 
 

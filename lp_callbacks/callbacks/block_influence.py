@@ -7,12 +7,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lp_callbacks.checkpoint import before_weights_load, restore_pruned_architecture
+from lp_callbacks.depth_stats import bi_log_metrics
 from lp_callbacks.measure import calibration_pass
 from lp_callbacks.metrics import BIHistory, RunningMean
 from lp_callbacks.recorder import BlockInfluenceRecorder
@@ -333,14 +333,7 @@ class BlockInfluenceMonitor(Callback):
         recorder = self.recorder
         if recorder is None:
             return
-        metric = recorder.bi_metric
-        with metric.sync_context(should_sync=True):
-            total, count, skipped = metric.total.clone(), metric.count.clone(), metric.skipped.clone()
-        angular = {}
-        for n, m in recorder.angular_metrics.items():
-            with m.sync_context(should_sync=True):
-                angular[n] = (m.total.clone(), m.count.clone())
-        recorder.reset()
+        (total, count, skipped), angular = recorder.take_sums()
         # Everything stays on the device until a logging step reads it: no GPU sync on ordinary steps.
         self._running.add(total, count)
         for n, (t, c) in angular.items():
@@ -372,22 +365,10 @@ class BlockInfluenceMonitor(Callback):
         bi = self.block_influence
         if bi is None or self.original_indices is None:
             return
-        step = trainer.global_step
-        finite = bi[torch.isfinite(bi)]
-        metrics: dict[str, float] = {f"{self.prefix}/layer_{orig:02d}": float(v) for orig, v in zip(self.original_indices, bi)}
-        if finite.numel():
-            metrics.update(
-                {
-                    f"{self.prefix}/min": float(finite.min()),
-                    f"{self.prefix}/max": float(finite.max()),
-                    f"{self.prefix}/mean": float(finite.mean()),
-                    f"{self.prefix}/num_below_threshold": float((finite < self.threshold).sum()),
-                }
-            )
-        metrics[f"{self.prefix}/num_layers"] = float(len(self.original_indices))
+        metrics = bi_log_metrics(self.prefix, self.original_indices, bi, self.threshold)
         metrics[f"{self.prefix}/skipped_tokens"] = float(skipped)
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+            logger.log_metrics(metrics, step=trainer.global_step)
 
 
 def _cpu(values: Tensor | None) -> Tensor | None:

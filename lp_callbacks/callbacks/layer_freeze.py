@@ -26,31 +26,24 @@ from lp_callbacks.callbacks.block_influence import BlockInfluenceMonitor, find_m
 from lp_callbacks.distributed import check_strategy_supported, rebuild_ddp
 from lp_callbacks.events import DepthEvent
 from lp_callbacks.freezing import (
-    check_amount,
     check_scores,
+    check_warmup,
     count_frozen,
-    optimizer_state_bytes,
+    enable_input_require_grads,
+    freeze_metrics,
     resolve_names,
     resolve_protected,
     select_frozen,
+    training_sizes,
     unique_params,
-    uses_checkpointing,
     warn_if_tied,
 )
 from lp_callbacks.measure import measure_depth
 from lp_callbacks.stepping import OptimizerStepTracker
 from lp_callbacks.surgery import drop_optimizer_params, original_indices
-from lp_callbacks.validation import check_bool, check_int
+from lp_callbacks.validation import check_amount, check_bool, check_int
 
 __all__ = ["LayerFreezeCallback"]
-
-
-def _check_schedule(trainer: pl.Trainer, warmup_steps: int) -> None:
-    if warmup_steps and trainer.max_steps is not None and trainer.max_steps > 0 and warmup_steps >= trainer.max_steps:
-        raise ValueError(
-            f"`warmup_steps` must be smaller than the Trainer's max_steps={trainer.max_steps} (the blocks are frozen"
-            f" when the warm-up ends), got {warmup_steps}."
-        )
 
 
 def _refuse_pruning(trainer: pl.Trainer) -> None:
@@ -139,10 +132,9 @@ class LayerFreezeCallback(Callback):
         layers_path: str | None = None,
         prefix: str = "layer_freeze",
     ) -> None:
-        self.mode, self.amount = check_amount(
-            dict(num_trainable=num_trainable, fraction_trainable=fraction_trainable, num_frozen=num_frozen,
-                 fraction_frozen=fraction_frozen)
-        )
+        amounts = dict(num_trainable=num_trainable, fraction_trainable=fraction_trainable, num_frozen=num_frozen,
+                       fraction_frozen=fraction_frozen)
+        self.mode, self.amount = check_amount(amounts, "how many blocks to freeze")
         self.scores = check_scores(scores)
         check_int("warmup_steps", warmup_steps, minimum=0)
         check_int("calibration_batches", calibration_batches, minimum=1, allow_none=True)
@@ -209,7 +201,7 @@ class LayerFreezeCallback(Callback):
             return
         check_strategy_supported(trainer, "LayerFreezeCallback")
         _refuse_pruning(trainer)
-        _check_schedule(trainer, self.warmup_steps)
+        check_warmup(self.warmup_steps, trainer.max_steps)
         needs_monitor = bool(self.warmup_steps or self.reevaluate_every_n_steps)
         self._monitor = find_or_add_monitor(trainer, "LayerFreezeCallback", self.layers_path) if needs_monitor else find_monitor(trainer)
 
@@ -375,16 +367,9 @@ class LayerFreezeCallback(Callback):
         self._enable_input_grads()
 
     def _enable_input_grads(self) -> None:
-        """Reentrant gradient checkpointing needs an input that requires grad: HF's hook gives it one."""
         assert self._stack is not None
-        hf = self._stack.root
-        if self._input_grads_enabled or not self.protect["embeddings"] or not uses_checkpointing(hf):
-            return  # nothing to do, or already done
-        if getattr(hf, "_require_grads_hook", None) is not None:
-            return  # HF (>= 5) already installs it when checkpointing is enabled
-        if callable(getattr(hf, "enable_input_require_grads", None)):
-            hf.enable_input_require_grads()
-            self._input_grads_enabled = True
+        if not self._input_grads_enabled and self.protect["embeddings"]:
+            self._input_grads_enabled = enable_input_require_grads(self._stack.root)
 
     def _release(self) -> None:
         if self._input_grads_enabled and self._stack is not None:
@@ -404,24 +389,13 @@ class LayerFreezeCallback(Callback):
             "trainable_blocks": self.trainable_blocks,
             "original_indices": original_indices(self._stack),
             "frozen_modules": list(self._fixed_names),
-            **self._sizes(trainer, pl_module),
-        }
-
-    def _sizes(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, int]:
-        params = list(pl_module.parameters())
-        return {
-            "trainable_params": sum(p.numel() for p in params if p.requires_grad),
-            "frozen_params": sum(p.numel() for p in params if not p.requires_grad),
-            "optimizer_state_bytes": optimizer_state_bytes(trainer.optimizers),
+            **training_sizes(pl_module, trainer.optimizers),
         }
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        sizes = self._sizes(trainer, pl_module)
+        sizes = training_sizes(pl_module, trainer.optimizers)
         if self.record:
             self.record.update(sizes)  # optimizer state fills in lazily after the first steps
         num_layers = len(self._stack.layers) if self._stack is not None else 0
-        frozen = len(self.frozen_blocks or [])
-        metrics = {f"{self.prefix}/{k}": float(v) for k, v in sizes.items()}
-        metrics[f"{self.prefix}/frozen_blocks"] = float(frozen)
-        metrics[f"{self.prefix}/trainable_blocks"] = float(num_layers - frozen)
+        metrics = freeze_metrics(self.prefix, sizes, num_layers, len(self.frozen_blocks or []))
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import functools
-import math
 import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, NoReturn
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -22,8 +21,8 @@ from lp_callbacks.checkpoint import before_weights_load, own_prune_state, remova
 from lp_callbacks.distributed import check_strategy_supported, rebuild_ddp
 from lp_callbacks.events import DepthEvent, notify_before_prune
 from lp_callbacks.export import check_export_dir, save_export
-from lp_callbacks.schedules import GradualSchedule, PruneSchedule, plan_removals, unmeasured_events
-from lp_callbacks.selection import CRITERIA, best_contiguous_block, last_layers, lowest_scores, random_layers
+from lp_callbacks.schedules import GradualSchedule, PruneSchedule, plan_removals
+from lp_callbacks.selection import CRITERIA, choose_layers, protected_indices
 from lp_callbacks.stepping import OptimizerStepTracker
 from lp_callbacks.surgery import (
     check_removal_supported,
@@ -31,11 +30,12 @@ from lp_callbacks.surgery import (
     drop_optimizer_params,
     original_indices,
 )
-from lp_callbacks.validation import check_fraction, check_int
+from lp_callbacks.validation import check_amount, check_int
 
 __all__ = ["LayerPruneCallback"]
 
 _EXPORT_WHEN = ("fit_end", "event", "both", "never")
+_BY_SCORE = ("block_influence", "angular")  # the criteria that read the BlockInfluenceMonitor
 
 
 def _stack_if_built(pl_module: nn.Module, layers_path: str | None) -> DecoderStack | None:
@@ -108,11 +108,8 @@ class LayerPruneCallback(Callback):
         tokenizer: Any = None,
         layers_path: str | None = None,
     ) -> None:
-        amounts = {k: v for k, v in (("num_layers", num_layers), ("fraction", fraction), ("layers_per_event", layers_per_event)) if v is not None}
-        if len(amounts) != 1:
-            raise ValueError(f"give exactly one of `num_layers`, `fraction` or `layers_per_event`, got {sorted(amounts) or 'none'}.")
-        for name, value in amounts.items():
-            check_fraction(name, value) if name == "fraction" else check_int(name, value, minimum=1)
+        amounts = dict(num_layers=num_layers, fraction=fraction, layers_per_event=layers_per_event)
+        self.amount = check_amount(amounts, "how many blocks to remove")  # (name, value) of the one given
         if criterion not in CRITERIA:
             raise ValueError(f"`criterion` must be one of {CRITERIA}, got {criterion!r}.")
         check_int("min_layers", min_layers, minimum=1)
@@ -169,7 +166,8 @@ class LayerPruneCallback(Callback):
             return
         check_strategy_supported(trainer, "LayerPruneCallback")
         self._start_run()
-        self._monitor = self._find_or_add_monitor(trainer)
+        by_score = self.criterion in _BY_SCORE
+        self._monitor = find_or_add_monitor(trainer, "LayerPruneCallback", self.layers_path) if by_score else find_monitor(trainer)
         if self.export_dir is not None:
             self.export_dir = check_export_dir(self.export_dir)
             self._check_event_export_dirs()
@@ -183,7 +181,10 @@ class LayerPruneCallback(Callback):
             self._bind(trainer, pl_module)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._check_steps_reachable(trainer)
+        limits = (f"max_steps={trainer.max_steps}, max_epochs={trainer.max_epochs}, {trainer.num_training_batches}"
+                  f" batches per epoch, accumulate_grad_batches={trainer.accumulate_grad_batches}")
+        # estimated_stepping_batches: all limits of the run (max_steps, max_epochs, batches, accumulation)
+        self.schedule.check_reachable(trainer.estimated_stepping_batches, self.done_events, limits)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._resume_hook is not None:
@@ -216,11 +217,6 @@ class LayerPruneCallback(Callback):
         if state is not None:
             self.load_state_dict(state)  # Lightning loads the same again later
 
-    def _find_or_add_monitor(self, trainer: pl.Trainer) -> BlockInfluenceMonitor | None:
-        if self.criterion not in ("block_influence", "angular"):
-            return find_monitor(trainer)
-        return find_or_add_monitor(trainer, "LayerPruneCallback", self.layers_path)
-
     def _bind(self, trainer: pl.Trainer, pl_module: nn.Module) -> None:
         """Everything that needs the model, checked before any training step."""
         self._stack = decoder_stack(pl_module, self.layers_path)
@@ -234,7 +230,9 @@ class LayerPruneCallback(Callback):
         self.original_num_layers = len(present)
         self._check_surgery()
         self._make_plan(trainer)
-        self._check_measured(trainer)
+        monitor = self._monitor  # each BI-driven step event needs a measured training step since the previous one
+        if monitor is not None and self.criterion in _BY_SCORE and monitor.source == "train":
+            self.schedule.check_measured(monitor.every_n_steps)
 
     def _check_surgery(self) -> None:
         """Family missing from the table, or blocks that cannot be renumbered: refused now, not at the event."""
@@ -248,19 +246,6 @@ class LayerPruneCallback(Callback):
                 f" protect_last={self.protect_last}, protected_layers={list(self.protected_layers)})."
             )
 
-    def _check_measured(self, trainer: pl.Trainer) -> None:
-        """Each BI-driven step event needs a measured training step since the previous event."""
-        monitor = self._monitor
-        if monitor is None or self.criterion not in ("block_influence", "angular") or monitor.source != "train":
-            return
-        gaps = unmeasured_events(self.schedule.steps, monitor.every_n_steps)
-        if gaps:
-            raise ValueError(
-                f"LayerPruneCallback: the events at steps {gaps} have no measured step since the previous event"
-                f" (BlockInfluenceMonitor every_n_steps={monitor.every_n_steps} measures the steps that start at a"
-                f" multiple of it; events at {list(self.schedule.steps)}): lower every_n_steps or move the events."
-            )
-
     def _check_event_export_dirs(self) -> None:
         if self.export_when in ("event", "both"):
             for step in self.schedule.steps:
@@ -270,50 +255,21 @@ class LayerPruneCallback(Callback):
         assert self.export_dir is not None  # a sibling, not a child: the final export replaces export_dir whole
         return self.export_dir.with_name(f"{self.export_dir.name}_step_{step}")
 
-    def _check_steps_reachable(self, trainer: pl.Trainer) -> None:
-        total = trainer.estimated_stepping_batches  # all limits of the run: max_steps, max_epochs, batches, accumulation
-        late = [s for s in self.schedule.steps if math.isfinite(total) and s > total and f"step:{s}" not in self.done_events]
-        if late:
-            raise ValueError(
-                f"`at_steps`/`gradual` has steps {late} that this run never reaches: it ends after {int(total)}"
-                f" optimizer steps (max_steps={trainer.max_steps}, max_epochs={trainer.max_epochs},"
-                f" {trainer.num_training_batches} batches per epoch, accumulate_grad_batches={trainer.accumulate_grad_batches})."
-            )
-
     def _make_plan(self, trainer: pl.Trainer, resumed_at: tuple[int, int] = (0, 0)) -> None:
         """Blocks per event, validated against the model and the Trainer before any training step (a resumed run:
         the events applied keep what they removed, see :func:`~lp_callbacks.schedules.plan_removals`)."""
-        done = {r["event"]: len(r["original_layers"]) for r in self.removed}
         self.plan = plan_removals(
-            self.schedule, self._amount(), self.original_indices or [], self.original_num_layers or 0,
-            self._protected_original(), self.min_layers, done, self._refuse_plan, resumed_at,
-            equal_counts=self.criterion == "angular",
+            self.schedule, self.amount, self.original_indices or [], self.original_num_layers or 0,
+            self._protected_original(), self.min_layers, self.removed, self.criterion, resumed_at,
         )
         self.schedule.check_limits(trainer.max_steps, trainer.max_epochs)
         if self.criterion == "angular" and self._monitor is not None:
-            for block_size in {n for event, n in self.plan.items() if event not in done}:
+            for block_size in {n for event, n in self.plan.items() if event not in self.done_events}:
                 self._monitor.track_block_size(block_size)  # Gromov needs distances over exactly that many blocks
-
-    def _refuse_plan(self, why: str) -> NoReturn:
-        applied = {r["event"]: r["original_layers"] for r in self.removed}
-        raise ValueError(
-            f"LayerPruneCallback: cannot resume with this plan: {why}. The checkpoint's run removed {applied or 'nothing'}"
-            f" (criterion {sorted({r['criterion'] for r in self.removed}) or '-'}); the plan now is events"
-            f" {self.schedule.event_ids()} removing {'='.join(map(str, self._amount()))} with criterion={self.criterion!r}. Resume with"
-            " the arguments the run was saved with, or change only events after the checkpoint."
-        )
-
-    def _amount(self) -> tuple[str, float]:
-        """The one amount given: ``(name, value)``."""
-        name = next(n for n in ("num_layers", "fraction", "layers_per_event") if getattr(self, n) is not None)
-        return name, getattr(self, name)
 
     def _protected_original(self) -> set[int]:
         n = self.original_num_layers or 0
-        bad = [i for i in self.protected_layers if i >= n]
-        if bad:
-            raise ValueError(f"`protected_layers` must be original block indices in [0, {n - 1}], got {bad}.")
-        return set(range(min(self.protect_first, n))) | set(range(max(0, n - self.protect_last), n)) | set(self.protected_layers)
+        return protected_indices(n, self.protect_first, self.protect_last, self.protected_layers)
 
     # ================================================================ events
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
@@ -334,13 +290,20 @@ class LayerPruneCallback(Callback):
 
     def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, event: str) -> None:
         started = time.perf_counter()
-        count = self.plan[event]
-        chosen, scores = self._choose(trainer, count, event)
+        chosen, scores = self._choose(trainer, self.plan[event], event)
         chosen = trainer.strategy.broadcast(chosen, src=0)  # every rank removes what rank 0 chose
         scores = trainer.strategy.broadcast(scores, src=0)
+        notify_before_prune(trainer, pl_module, chosen)
+        original = self._remove(trainer, chosen)
+        self._record(trainer, event, chosen, original, scores, time.perf_counter() - started)
+        if self.export_when in ("event", "both") and self.export_dir is not None:
+            self.export(trainer, pl_module, self._event_export_dir(trainer.global_step))
+
+    def _remove(self, trainer: pl.Trainer, chosen: list[int]) -> list[int]:
+        """Remove the blocks at ``chosen`` (current numbering) from the model, the optimizers, the DDP wrapper and
+        the monitor's hooks; returns their original indices."""
         stack = self._stack
         assert stack is not None
-        notify_before_prune(trainer, pl_module, chosen)
         dead = [p for i in chosen for p in stack.layers[i].parameters()]
         original = [original_indices(stack)[i] for i in chosen]
         drop_layers(stack, chosen)
@@ -350,14 +313,17 @@ class LayerPruneCallback(Callback):
         rebuild_ddp(trainer)
         if self._monitor is not None:
             self._monitor.layers_removed(chosen)  # re-hook; next decision uses BI of the new model only
-        seconds = time.perf_counter() - started
-        remaining = len(stack.layers)
-        record = {
+        return original
+
+    def _record(self, trainer: pl.Trainer, event: str, chosen: list[int], original: list[int], scores: list[float],
+                seconds: float) -> None:
+        """The event's record and :class:`DepthEvent`, its log line and metrics."""
+        remaining = len(self.original_indices or [])
+        self.removed.append({
             "event": event, "step": trainer.global_step, "epoch": trainer.current_epoch, "criterion": self.criterion,
             "current_indices": chosen, "original_layers": original, "scores": scores,
             "num_layers_after": remaining, "seconds": seconds,
-        }
-        self.removed.append(record)
+        })
         self.depth_events.append(DepthEvent(step=trainer.global_step, kind="prune", original_layers=original,
                                             scores=scores if len(scores) == len(original) else [],
                                             detail=f"{self.criterion}: -{len(original)} -> {remaining} blocks"))
@@ -367,17 +333,13 @@ class LayerPruneCallback(Callback):
         )
         for logger in trainer.loggers:
             logger.log_metrics({"prune/num_layers": float(remaining), "prune/event_seconds": seconds}, step=trainer.global_step)
-        if self.export_when in ("event", "both") and self.export_dir is not None:
-            self.export(trainer, pl_module, self._event_export_dir(trainer.global_step))
 
     def _choose(self, trainer: pl.Trainer, count: int, event: str) -> tuple[list[int], list[float]]:
         original = self.original_indices or []
         protected = {i for i, o in enumerate(original) if o in self._protected_original()}
-        num_layers = len(original)
-        if self.criterion == "last":
-            return last_layers(num_layers, count, protected), []
-        if self.criterion == "random":
-            return random_layers(num_layers, count, protected, seed=self.seed + len(self.removed)), []
+        seed = self.seed + len(self.removed)
+        if self.criterion not in _BY_SCORE:
+            return choose_layers(self.criterion, count, len(original), protected, seed)
         monitor = self._monitor
         if monitor is None:
             raise RuntimeError("LayerPruneCallback lost its BlockInfluenceMonitor.")
@@ -389,20 +351,18 @@ class LayerPruneCallback(Callback):
                 " missing scores."
             )
         if self.criterion == "block_influence":
-            bi = monitor.block_influence
-            if bi is None:
+            scores = monitor.block_influence
+            if scores is None:
                 raise RuntimeError(
                     f"LayerPruneCallback: no Block Influence was measured before event {event!r}; leave at least"
                     f" one measured step (monitor every_n_steps={monitor.every_n_steps}) before each event."
                 )
-            chosen = lowest_scores(bi, count, protected)
-            return chosen, [float(bi[i]) for i in chosen]
-        monitor.track_block_size(count)
-        distances = monitor.angular_distances(count)
-        if distances is None:
-            raise RuntimeError(f"LayerPruneCallback: no angular distance over {count} blocks measured before event {event!r}.")
-        chosen = best_contiguous_block(distances, count, num_layers, protected)
-        return chosen, [float(distances[chosen[0]])] * len(chosen)
+        else:
+            monitor.track_block_size(count)
+            scores = monitor.angular_distances(count)
+            if scores is None:
+                raise RuntimeError(f"LayerPruneCallback: no angular distance over {count} blocks measured before event {event!r}.")
+        return choose_layers(self.criterion, count, len(original), protected, seed, scores)
 
     # ================================================================ export
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -29,6 +29,8 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
+from lp_callbacks.validation import check_bool, check_int, check_number
+
 if TYPE_CHECKING:
     import datasets
     from transformers import PreTrainedTokenizerBase
@@ -256,6 +258,7 @@ class TextDataModule(LightningDataModule):
         super().__init__()
         from transformers import PreTrainedTokenizerBase
 
+        check_bool("shakespeare", shakespeare)
         given = [name for name, on in (("data_files", data_files is not None), ("dataset_name", dataset_name is not None),
                                        ("shakespeare", shakespeare)) if on]
         if len(given) != 1:
@@ -273,16 +276,13 @@ class TextDataModule(LightningDataModule):
             raise TypeError(
                 f"`tokenizer` must be a transformers tokenizer or a name/path, got {type(tokenizer).__name__}."
             )
-        _check_int("block_size", block_size, minimum=2, rule="> 1")
-        if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 <= val_fraction < 1:
-            raise ValueError(f"`val_fraction` must be in [0, 1), got {val_fraction!r}.")
-        for name, value in (("max_train_blocks", max_train_blocks), ("max_val_blocks", max_val_blocks)):
-            if value is not None:
-                _check_int(name, value, minimum=1, rule=">= 1 (or None)")
-        _check_int("batch_size", batch_size, minimum=1, rule=">= 1")
-        _check_int("num_workers", num_workers, minimum=0, rule=">= 0")
-        if num_proc is not None:
-            _check_int("num_proc", num_proc, minimum=1, rule=">= 1 (or None)")
+        check_int("block_size", block_size, minimum=2)
+        check_number("val_fraction", val_fraction, 0.0, 1.0, high_open=True)
+        check_int("max_train_blocks", max_train_blocks, minimum=1, allow_none=True)
+        check_int("max_val_blocks", max_val_blocks, minimum=1, allow_none=True)
+        check_int("batch_size", batch_size, minimum=1)
+        check_int("num_workers", num_workers, minimum=0)
+        check_int("num_proc", num_proc, minimum=1, allow_none=True)
         if text_sample_by not in _SAMPLE_BY:
             raise ValueError(f"`text_sample_by` must be one of {list(_SAMPLE_BY)}, got {text_sample_by!r}.")
         if not isinstance(text_field, str) or not text_field:
@@ -473,8 +473,3 @@ class SplitLoader:
         if isinstance(loader, list) and not loader:
             raise ValueError(f"split={self.split!r}: the data has no validation blocks (val_fraction=0).")
         return iter(loader)
-
-
-def _check_int(name: str, value: object, *, minimum: int, rule: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"`{name}` must be an integer {rule}, got {value!r}.")

@@ -22,14 +22,14 @@ import difflib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from lp_callbacks.export import write_dir_atomically
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -338,37 +338,18 @@ def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizer
 def _write_cache_atomically(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cache: Path, source: dict[str, Any]
 ) -> None:
-    """Save into a temporary sibling directory, then rename it to ``cache`` (atomic on one filesystem)."""
-    if cache.exists() and not cache.is_dir():
-        raise ValueError(f"`cache_dir` must be a directory, but {cache} is a file.")
-    if cache.is_dir() and any(cache.iterdir()) and not (cache / _MARKER).is_file():
-        raise ValueError(
-            f"`cache_dir` {cache} is a non-empty directory that is not an lp_callbacks model cache (no {_MARKER});"
-            " refusing to overwrite it. Pass an empty or new directory."
-        )
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}.tmp-", dir=cache.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private (0700); the renamed cache should read like any directory
-    old: Path | None = None
-    try:
+    """Save into a temporary sibling directory, then rename it to ``cache`` (the package's one atomic writer,
+    :func:`~lp_callbacks.export.write_dir_atomically`: only an empty directory or an earlier cache is replaced)."""
+
+    def fill(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / _MARKER).write_text(json.dumps(source, indent=2))  # last: marks the copy complete
-        if _read_marker(cache) == source:
-            return  # another process (a DDP rank) finished the same copy meanwhile: keep it, drop ours
-        if cache.exists():  # a stale or empty copy: move it aside first, rename cannot replace a non-empty dir
-            old = Path(tempfile.mkdtemp(prefix=f".{cache.name}.old-", dir=cache.parent))
-            os.replace(cache, old / "stale")
-        try:
-            os.replace(tmp, cache)
-        except OSError:
-            # Another process renamed its own complete copy in between: use that one.
-            if _read_marker(cache) != source:
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+
+    # Every DDP rank may fill the same cache at once: no clean-up of another's temporary directory, and a complete
+    # copy of the same source that another process renamed into place first is kept.
+    write_dir_atomically(cache, fill, argument="cache_dir", marker=_MARKER, kind="an lp_callbacks model cache",
+                         recover=False, is_same=lambda target: _read_marker(target) == source)
 
 
 # ============================================================================================ configurable spec

@@ -25,6 +25,7 @@ from torchmetrics.aggregation import MeanMetric
 
 from lp_callbacks.checkpoint import restore_pruned_architecture
 from lp_callbacks.harness.models import ModelSpec
+from lp_callbacks.validation import check_int, check_number
 
 __all__ = ["CausalLMModule", "lr_factor"]
 
@@ -106,8 +107,8 @@ class CausalLMModule(LightningModule):
     ) -> None:
         super().__init__()
         # Cheap checks first: a spec may take seconds to load.
-        _check_number("lr", lr, low=0.0, low_open=True, rule="> 0")
-        _check_number("weight_decay", weight_decay, low=0.0, rule=">= 0")
+        check_number("lr", lr, low=0.0, low_open=True)
+        check_number("weight_decay", weight_decay, low=0.0)
         if (
             not isinstance(betas, (tuple, list))
             or len(betas) != 2
@@ -116,15 +117,14 @@ class CausalLMModule(LightningModule):
             raise ValueError(f"`betas` must be two numbers in [0, 1), got {betas!r}.")
         if lr_schedule not in _SCHEDULES:
             raise ValueError(f"`lr_schedule` must be one of {list(_SCHEDULES)}, got {lr_schedule!r}.")
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"`warmup_steps` must be an integer >= 0, got {warmup_steps!r}.")
+        check_int("warmup_steps", warmup_steps, minimum=0)
         if total_steps is not None and (
             isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= warmup_steps
         ):
             raise ValueError(
                 f"`total_steps` must be None or an integer > warmup_steps={warmup_steps}, got {total_steps!r}."
             )
-        _check_number("min_lr_ratio", min_lr_ratio, low=0.0, high=1.0, rule="in [0, 1]")
+        check_number("min_lr_ratio", min_lr_ratio, 0.0, 1.0)
 
         if isinstance(model, dict):  # a checkpoint's hyperparameters, or a hand-written config
             model = ModelSpec(**model)
@@ -259,13 +259,3 @@ def _enable_checkpointing(model: nn.Module) -> None:
         )
     if getattr(model, "config", None) is not None:
         model.config.use_cache = False  # a KV cache is useless in training and HF warns when it meets recompute
-
-
-def _check_number(
-    name: str, value: object, *, low: float, high: float | None = None, low_open: bool = False, rule: str
-) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value > low if low_open else value >= low) and (high is None or value <= high)
-    if not ok:
-        raise ValueError(f"`{name}` must be a number {rule}, got {value!r}.")

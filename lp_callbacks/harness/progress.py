@@ -24,6 +24,8 @@ from typing import Any, TextIO
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ProgressBar
 
+from lp_callbacks.validation import check_int
+
 __all__ = ["ProgressLog", "format_duration"]
 
 
@@ -67,10 +69,7 @@ class ProgressLog(ProgressBar):
         stream: TextIO | None = None,
     ) -> None:
         super().__init__()
-        if every_n_steps is not None and (isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int)
-                                          or every_n_steps < 1):
-            raise ValueError(f"`every_n_steps` must be a positive int or None, got {every_n_steps!r}.")
-        self.every_n_steps = every_n_steps
+        self.every_n_steps = check_int("every_n_steps", every_n_steps, minimum=1, allow_none=True)
         self.clock = clock
         self.stream = stream
         self._enabled = True
