@@ -3,6 +3,7 @@
 from lp_callbacks.architectures import get_decoder_layers
 from lp_callbacks.callbacks import (
     BlockInfluenceMonitor,
+    ControlEvaluationCallback,
     DepthEfficiencyMonitor,
     DistillationCallback,
     LayerFreezeCallback,
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BlockInfluenceMonitor",
+    "ControlEvaluationCallback",
     "DepthEfficiencyMonitor",
     "DepthEvent",
     "DepthMeasurement",

@@ -42,6 +42,7 @@ __all__ = [
     "plot_bi_heatmap",
     "plot_bi_profile",
     "plot_events",
+    "plot_measures",
     "save_figure",
 ]
 
@@ -432,3 +433,29 @@ def log_figures(
                     logger.experiment.log_figure(logger.run_id, fig, f"{prefix}/{drawn.paths[name].name}")
         except Exception as err:  # noqa: BLE001 (an image the logger refuses must not end the run)
             warn(f"DepthEfficiencyMonitor: {type(logger).__name__} refused the figures ({err}).")
+
+
+def plot_measures(history: Sequence[Mapping[str, Any]], path: str | os.PathLike[str] | None = None) -> Figure:
+    """Every numeric measure of ``history`` (records with ``step`` and ``when``, as
+    :class:`~lp_callbacks.callbacks.ControlEvaluationCallback` keeps them) over steps, one panel each; evaluations
+    after an event are marked red and labelled with it."""
+    names = [k for k in dict.fromkeys(k for r in history for k in r)
+             if k not in ("step", "when", "tokens") and any(isinstance(r.get(k), (int, float)) for r in history)]
+    fig = _new_figure(6.4, 1.8 * max(1, len(names)) + 0.4)
+    if not names:
+        _empty(fig, "no evaluation recorded")
+    axes = fig.subplots(len(names), 1, sharex=True, squeeze=False)[:, 0] if names else []
+    for ax, name in zip(axes, names):
+        points = [(r["step"], r[name], str(r.get("when", ""))) for r in history if isinstance(r.get(name), (int, float))]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", color="tab:blue")
+        for step, value, when in points:
+            if when.startswith("after"):
+                ax.plot([step], [value], marker="o", color=_KIND_COLORS["prune"])
+        ax.set_ylabel(name, fontsize=8)
+    if names:
+        axes[-1].set_xlabel("step")
+        axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes[0].set_title("control data: the model against its reference (red: right after an event)", fontsize=9)
+    if path is not None:
+        save_figure(fig, path)
+    return fig

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -16,7 +15,8 @@ from torch import Tensor, nn
 from lp_callbacks.architectures import DecoderStack, decoder_stack
 from lp_callbacks.distillation import aligned_hidden_pairs, hidden_alignment_loss, kd_loss, next_token_mask
 from lp_callbacks.distributed import check_strategy_supported
-from lp_callbacks.surgery import original_indices, removed_original_indices, restore_layers
+from lp_callbacks.reference import called_module, fingerprint, frozen_copy, full_depth_copy
+from lp_callbacks.surgery import original_indices, removed_original_indices
 from lp_callbacks.validation import check_int, check_number
 
 __all__ = ["DistillationCallback"]
@@ -25,35 +25,6 @@ _TEACHERS = ("initial", "before_first_prune")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 # Forward keyword arguments that are the student's own business, not the teacher's.
 _STUDENT_ONLY = ("labels", "past_key_values", "use_cache", "output_hidden_states", "output_attentions", "return_dict")
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-               "_forward_pre_hooks_with_kwargs")
-
-
-def frozen_copy(model: nn.Module) -> nn.Module:
-    """A deep copy without autograd, in eval mode, and without the forward hooks of ``model`` (a monitor's hooks on
-    the student must not see the teacher's forwards)."""
-    teacher = copy.deepcopy(model)
-    for module in teacher.modules():
-        for name in _HOOK_DICTS:
-            hooks = module.__dict__.get(name)
-            if hooks:
-                hooks.clear()
-    return teacher.requires_grad_(False).eval()
-
-
-def fingerprint(model: nn.Module) -> list[float]:
-    """``[parameter count, sum, sum of squares]`` of the weights in float64: tells one teacher from another."""
-    values = [p.detach().double() for p in model.state_dict().values() if torch.is_tensor(p) and p.is_floating_point()]
-    return [float(sum(v.numel() for v in values)), float(sum(v.sum() for v in values)), float(sum((v * v).sum() for v in values))]
-
-
-def _called_module(root: nn.Module, pl_module: nn.Module) -> nn.Module:
-    """The module whose ``forward`` the user calls: a PEFT wrapper around ``root`` (whose inner calls bypass the
-    hooks of ``root``), else ``root``."""
-    for module in pl_module.modules():
-        if type(module).__name__.startswith("Peft") and any(m is root for m in module.modules()):
-            return module
-    return root
 
 
 class DistillationCallback(Callback):
@@ -160,7 +131,7 @@ class DistillationCallback(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._stack = decoder_stack(pl_module, self.layers_path)
-        self._student = _called_module(self._stack.root, pl_module)
+        self._student = called_module(self._stack.root, pl_module)
         if self._restored is not None:
             self._restore_teacher(trainer, self._restored)
         elif trainer.ckpt_path is not None and self.source == "initial":
@@ -244,11 +215,7 @@ class DistillationCallback(Callback):
             return
         if weights is None:
             return  # saved before the teacher was taken
-        skeleton = frozen_copy(self._student)
-        restore_layers(skeleton, removed_original_indices(skeleton))  # back to full depth (uninitialised blocks)
-        skeleton.to(dtype=self.teacher_dtype)
-        skeleton.load_state_dict(weights, strict=True)
-        self.teacher = skeleton
+        self.teacher = full_depth_copy(self._student, weights, self.teacher_dtype)
         self._prepare_teacher(trainer)
 
     # ================================================================ the loss
