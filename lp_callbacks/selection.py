@@ -10,16 +10,50 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["CRITERIA", "best_contiguous_block", "choose_layers", "highest_scores", "last_layers", "lowest_scores",
-           "protected_indices", "random_layers"]
+from lp_callbacks.validation import check_bool, check_int
+
+__all__ = ["CRITERIA", "AblationSettings", "best_contiguous_block", "choose_layers", "highest_scores", "last_layers",
+           "lowest_scores", "protected_indices", "random_layers"]
 
 #: Selection criteria of :class:`~lp_callbacks.callbacks.LayerPruneCallback`.
-CRITERIA: tuple[str, ...] = ("block_influence", "angular", "last", "random")
+CRITERIA: tuple[str, ...] = ("block_influence", "angular", "last", "random", "ablation")
+
+
+@dataclass(frozen=True)
+class AblationSettings:
+    """What ``criterion="ablation"`` measures on: ``batches`` (at most ``max_batches`` of them per measurement),
+    all blocks at once or one block at a time (``greedy``, SLEB); see :func:`~lp_callbacks.measure.choose_by_ablation`.
+    """
+
+    batches: Iterable[Any]
+    max_batches: int | None = None
+    greedy: bool = False
+
+    @classmethod
+    def build(cls, criterion: str, calibration_dataloader: Any, calibration_batches: int | None,
+              ablation_greedy: bool) -> AblationSettings | None:
+        """The settings of :class:`~lp_callbacks.LayerPruneCallback`'s arguments (``None`` for another criterion,
+        which ignores ``calibration_dataloader``); refuses what ``"ablation"`` cannot run with."""
+        check_int("calibration_batches", calibration_batches, minimum=1, allow_none=True)
+        check_bool("ablation_greedy", ablation_greedy)
+        if criterion != "ablation":
+            if ablation_greedy:
+                raise ValueError(f"`ablation_greedy=True` applies to criterion='ablation' only, got criterion={criterion!r}.")
+            return None
+        if calibration_dataloader is None:
+            raise ValueError("`criterion='ablation'` needs `calibration_dataloader` (the batches each removal is measured"
+                             " on), got None.")
+        if isinstance(calibration_dataloader, (str, bytes, Mapping)) or not isinstance(calibration_dataloader, Iterable):
+            raise TypeError("`calibration_dataloader` must be an iterable of batches (a DataLoader, a list of dicts),"
+                            f" got {type(calibration_dataloader).__name__}.")
+        return cls(calibration_dataloader, calibration_batches, ablation_greedy)
 
 
 def _candidates(num_layers: int, protected: Collection[int]) -> list[int]:
@@ -118,12 +152,23 @@ def choose_layers(
     protected: Collection[int] = (),
     seed: int = 0,
     scores: Tensor | None = None,
+    model: Any = None,
+    ablation: AblationSettings | None = None,
 ) -> tuple[list[int], list[float]]:
     """The ``k`` layers to remove by ``criterion`` (one of :data:`CRITERIA`) and the score of each (``[]`` without).
 
     ``scores`` are the BI of each layer for ``"block_influence"``, the angular distances over ``k`` layers (see
-    :func:`best_contiguous_block`) for ``"angular"``; ``seed`` seeds ``"random"``.
+    :func:`best_contiguous_block`) for ``"angular"``; ``seed`` seeds ``"random"``; ``"ablation"`` measures
+    ``model`` (its blocks numbered as now) on ``ablation.batches`` and scores each chosen layer by its KL.
     """
+    if criterion == "ablation":
+        if model is None or ablation is None:
+            raise ValueError("`criterion='ablation'` measures the model: it needs `model` and `ablation`, got None.")
+        from lp_callbacks.measure import choose_by_ablation  # measure imports this module
+
+        chosen, kl, _ = choose_by_ablation(model, ablation.batches, k, protected, greedy=ablation.greedy,
+                                           max_batches=ablation.max_batches)
+        return chosen, kl
     if criterion == "last":
         return last_layers(num_layers, k, protected), []
     if criterion == "random":

@@ -56,14 +56,18 @@ def run(argv: list[str], capsys) -> tuple[int, str, str]:
 def test_top_level_help_lists_the_subcommands(capsys):
     code, out, _ = run(["--help"], capsys)
     assert code == 0 and out.startswith("usage: lp-callbacks")
-    assert all(name in out for name in ("fit", "validate", "test", "predict", "measure"))
+    assert all(name in out for name in ("fit", "validate", "test", "predict", "measure", "evaluate"))
 
 
 @pytest.mark.parametrize(("command", "keys"), [
     ("fit", ["--trainer.max_steps", "--trainer.callbacks", "--model", "--data", "--ckpt_path", "--print_config"]),
     ("validate", ["--trainer.limit_val_batches", "--ckpt_path"]),
-    ("measure", ["--split {val,train}", "--max_batches", "--block_sizes", "--max_tokens_per_batch", "--output_dir"]),
-], ids=["fit", "validate", "measure"])
+    ("measure", ["--split {val,train}", "--max_batches", "--block_sizes", "--max_tokens_per_batch", "--output_dir",
+                 "--ablation"]),
+    ("evaluate", ["--pruned", "--text_file", "--split {val,train}", "--max_batches", "--seq_len", "--stride",
+                  "--prompts", "--prompt_tokens", "--max_new_tokens", "--tasks", "--task_limit", "--include_path",
+                  "--num_fewshot", "--output_dir"]),
+], ids=["fit", "validate", "measure", "evaluate"])
 def test_help_for_each_command(command, keys, capsys):
     code, out, _ = run([command, "--help"], capsys)
     assert code == 0 and f"lp-callbacks [options] {command}" in out
@@ -75,7 +79,8 @@ def test_help_of_the_module_and_of_a_callback(capsys):
     assert code == 0 and "--model.lr_schedule {constant,cosine}" in out and "ModelSpec" in out
     code, out, _ = run(["fit", "--trainer.callbacks.help", "LayerPruneCallback"], capsys)
     assert code == 0 and "--trainer.callbacks.num_layers" in out
-    assert "{block_influence,angular,last,random}" in out
+    assert "{block_influence,angular,last,random,ablation}" in out
+    assert all(key in out for key in ("--trainer.callbacks.calibration_batches", "--trainer.callbacks.ablation_greedy"))
 
 
 def test_entry_point_is_declared():
@@ -360,3 +365,178 @@ def test_measure_val_split_needs_held_out_blocks(tmp_path, capsys):
     path = tiny_config(tmp_path, lambda c: c["data"]["init_args"].update(val_fraction=0))
     code, _, err = run(["measure", "-c", path], capsys)
     assert code == 2 and "split: `val` needs held-out blocks" in err and "--split=train" in err
+
+
+def test_measure_with_ablation(tmp_path, capsys):
+    out_dir = tmp_path / "measure"
+    code, out, err = run(["measure", "-c", tiny_config(tmp_path), "--ablation=true", "--max_batches=1",
+                          f"--output_dir={out_dir}"], capsys)
+    assert code == 0, err
+    assert re.search(r"block +BI +rank +angular n=1 +loss increase +KL +KL rank", out), out
+    assert "ablation: each block removed alone" in out and "block_ablation.png" in out
+    profile = json.loads((out_dir / "bi_profile.json").read_text())
+    ablation = profile["ablation"]
+    assert len(ablation["kl"]) == len(ablation["loss_increase"]) == 6 and ablation["batches"] == 1
+    assert all(v > 0 for v in ablation["kl"]) and sorted(ablation["lowest_kl_first"]) == list(range(6))
+    assert ablation["kl"][ablation["lowest_kl_first"][0]] == min(ablation["kl"])
+    with open(out_dir / "bi_profile.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [float(r["ablation_kl"]) for r in rows] == pytest.approx(ablation["kl"])
+    assert (out_dir / "block_ablation.png").stat().st_size > 0
+
+    # the numbers are block_ablation's, on the first batch of the same split
+    from lp_callbacks.harness.cli import LPCallbacksCLI
+    from lp_callbacks.harness.data import SplitLoader
+    from lp_callbacks.measure import block_ablation
+
+    cli = LPCallbacksCLI(args=["--config", str(tiny_config(tmp_path))], run=False)
+    again = block_ablation(cli.model, SplitLoader(cli.datamodule, "val"), max_batches=1)
+    assert ablation["kl"] == pytest.approx(again.kl.tolist()) and ablation["base_loss"] == pytest.approx(again.base_loss)
+
+
+def test_fit_prunes_by_ablation_on_the_calibration_split(tmp_path, capsys):
+    def ablate(config):
+        config["data"]["init_args"]["calibration_split"] = "val"
+        callback(config, "LayerPruneCallback").update(criterion="ablation", ablation_greedy=True, calibration_batches=1)
+
+    code, out, err = run(["fit", "-c", tiny_config(tmp_path, ablate)], capsys)
+    assert code == 0, err
+    assert "4 decoder blocks at the end (of 6)" in out
+    record = json.loads((tmp_path / "pruned" / "lp_pruning.json").read_text())
+    assert record["criterion"] == "ablation" and [len(e["scores"]) for e in record["events"]] == [1, 1]
+
+
+def test_ablation_without_a_calibration_split_is_refused(tmp_path, capsys):
+    line = construction_error(tmp_path, capsys, lambda c: callback(c, "LayerPruneCallback").update(criterion="ablation"))
+    assert "LayerPruneCallback: `criterion='ablation'` needs `calibration_dataloader`" in line
+    assert line.endswith("set `data.init_args.calibration_split: val` (or `train`).")
+
+
+# ============================================================================================== evaluate
+
+
+def config_model(path: Path) -> Any:
+    """The config's model and data module, built as the CLI builds them (same seed, same random weights)."""
+    from lp_callbacks.harness.cli import LPCallbacksCLI
+
+    return LPCallbacksCLI(args=["--config", str(path)], run=False)
+
+
+def test_evaluate_an_export_against_the_config_model(tmp_path, capsys):
+    pytest.importorskip("lm_eval")
+    import torch
+    from test_evaluation import _tiny_task
+    from transformers import AutoModelForCausalLM
+
+    from lp_callbacks.evaluation import PerplexityProtocol, perplexity, teacher_agreement
+    from lp_callbacks.harness.data import SplitLoader
+
+    path = tiny_config(tmp_path)
+    code, _, err = run(["fit", "-c", path], capsys)
+    assert code == 0, err
+    (tmp_path / "tasks").mkdir()
+    tasks = _tiny_task(tmp_path / "tasks")
+    out_dir = tmp_path / "evaluate"
+    code, out, err = run(["evaluate", "-c", path, f"--pruned={tmp_path / 'pruned'}", "--prompts=2",
+                          "--max_new_tokens=8", "--tasks=[tiny_mc]", f"--include_path={tasks}",
+                          f"--output_dir={out_dir}"], capsys)
+    assert code == 0, err
+    report = json.loads((out_dir / "evaluation.json").read_text())
+    kept = json.loads((tmp_path / "pruned" / "lp_pruning.json").read_text())["kept_original_layers"]
+    assert report["num_layers"] == {"original": 6, "pruned": 4} and report["kept_original_layers"] == kept
+    assert report["control"] == "8 val blocks" and report["protocol"]["describe"] == "windows of 32, stride 32, split 8 val blocks"
+    assert report["generation"]["prompts"] == 2 and report["generation"]["max_new_tokens"] == 8
+    for model in ("original", "pruned"):
+        result = report["tasks"][model]["tiny_mc"]
+        assert 0 <= result["acc"] <= 1 and result["samples"] == 6
+
+    # the same numbers, computed here from the config's model, the export and the first 8 val batches
+    cli = config_model(path)
+    original = cli.model.model
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
+    batches = list(SplitLoader(cli.datamodule, "val"))[:8]
+    expected = teacher_agreement(pruned, original, batches)
+    assert report["agreement"] == pytest.approx(expected)
+    ids = torch.cat([b["input_ids"].reshape(-1) for b in batches])
+    protocol = PerplexityProtocol(seq_len=32, stride=32, split="8 val blocks")
+    assert report["perplexity"]["original"]["ppl"] == pytest.approx(perplexity(original, ids, protocol).ppl)
+    assert report["perplexity"]["pruned"]["ppl"] == pytest.approx(perplexity(pruned, ids, protocol).ppl)
+
+    assert f"lp-callbacks evaluate: {tmp_path / 'pruned'} (4 blocks, kept original blocks {kept})" in out
+    assert re.search(rf"\n  KL\(original \|\| pruned\) +0\.0000 +{expected['kl']:.4f}\n", out), out
+    assert re.search(r"\n  decoder blocks +6 +4\n", out) and re.search(r"\n  tiny_mc acc +[01]\.\d{4} +[01]\.\d{4}\n", out)
+    assert "generation prefix agreement (2 prompts x 8 tokens)" in out
+
+
+def test_evaluate_the_unpruned_model_on_a_text_file_agrees_exactly(tmp_path, capsys):
+    path = tiny_config(tmp_path)
+    config_model(path).model.model.save_pretrained(tmp_path / "full")
+    text = write_corpus(tmp_path)
+    code, out, err = run(["evaluate", "-c", path, f"--pruned={tmp_path / 'full'}", f"--text_file={text}",
+                          "--max_batches=2", "--seq_len=24", f"--output_dir={tmp_path / 'e'}"], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "e" / "evaluation.json").read_text())
+    assert report["control"] == "text file corpus.txt" and report["protocol"]["stride"] == 12  # seq_len // 2
+    assert report["agreement"]["kl"] == 0.0 and report["agreement"]["top1_agreement"] == 1.0
+    assert report["agreement"]["tokens"] == 2 * 4 * 23  # 2 batches of 4 windows of 24 tokens
+    assert report["perplexity"]["original"] == report["perplexity"]["pruned"]
+    assert report["generation"]["exact_match"] == 1.0 and report["generation"]["prompts"] == 4
+    assert "tasks" not in report
+
+
+@pytest.fixture
+def saved_model(tmp_path):
+    """The config's own model saved as an export directory would be (6 blocks); and a copy that claims, in its
+    lp_pruning.json, to come from a 30-block model."""
+    import shutil
+
+    config_model(tiny_config(tmp_path)).model.model.save_pretrained(tmp_path / "full")
+    shutil.copytree(tmp_path / "full", tmp_path / "deep")
+    (tmp_path / "deep" / "lp_pruning.json").write_text(json.dumps({"original_num_layers": 30}))
+    return tmp_path / "full"
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--pruned={tmp}/nope"], r"pruned: must be a model directory \(an export of LayerPruneCallback, with"
+                                  r" config\.json\), got '.*/nope' \(not found\)\.$"),
+        (["--max_batches=0"], r"max_batches: `max_batches` must be an int >= 1 or None, got 0\.$"),
+        (["--prompts=-1"], r"prompts: `prompts` must be an int >= 0, got -1\.$"),
+        (["--text_file={tmp}/missing.txt"], r"text_file: must be a text file, got '.*/missing\.txt' \(not found\)\.$"),
+        (["--stride=33"], r"seq_len / stride: `stride` must be an int in \[1, seq_len=32\], got 33\.$"),
+        (["--prompt_tokens=33"], r"prompt_tokens: must be <= the length of the control windows, 32 \(seq_len, or the"
+                                 r" data's block_size\), got 33\.$"),
+        (["--prompts=9", "--max_batches=2"], r"prompts: the control data has 8 windows of at least 16 tokens"
+                                             r" \(prompt_tokens\), got prompts=9\.$"),
+        (["--prompt_tokens=100", "--max_new_tokens=100", "--seq_len=128", "--text_file={tmp}/corpus.txt"],
+         r"prompt_tokens \+ max_new_tokens must be <= the model's max_position_embeddings=128, got 100 \+ 100\.$"),
+        (["--split=val", "--data.init_args.val_fraction=0"], r"split: `val` needs held-out blocks but"
+                                                             r" data\.init_args\.val_fraction=0"),
+        (["--pruned={tmp}/other"], r"pruned: the model in '.*/other' has 128 output tokens, the config's model 260: it"
+                                   r" was not pruned from this model\.$"),
+        (["--pruned={tmp}/deep"], r"pruned: '.*/deep' was pruned from a model of 30 blocks \(its lp_pruning\.json\), but"
+                                  r" the config's model has 6\.$"),
+    ],
+    ids=["no-dir", "max-batches", "prompts", "no-text", "stride", "prompt-too-long", "too-few-windows",
+         "too-many-positions", "no-val", "other-vocab", "other-depth"],
+)
+def test_evaluate_errors_are_one_line(tmp_path, capsys, saved_model, args, expected):
+    from conftest import tiny_model
+
+    tiny_model("llama").save_pretrained(tmp_path / "other")  # a vocabulary of 128 tokens
+    write_corpus(tmp_path)
+    capsys.readouterr()
+    args = [a.format(tmp=tmp_path) for a in args]
+    pruned = [] if any(a.startswith("--pruned") for a in args) else [f"--pruned={saved_model}"]
+    code, out, err = run(["evaluate", "-c", tmp_path / "tiny.yaml", *pruned, *args], capsys)
+    assert code == 2, err
+    lines = [line for line in err.strip().splitlines() if line.startswith("lp-callbacks")]  # not the tqdm bars
+    assert len(lines) == 1 and "Traceback" not in err and err.strip().endswith(lines[0]), err
+    assert lines[0].startswith("lp-callbacks evaluate: error: ") and re.search(expected, lines[0]), lines[0]
+    assert not (tmp_path / "run" / "evaluate").exists()
+
+
+def test_evaluate_needs_the_pruned_model(tmp_path, capsys):
+    code, _, err = run(["evaluate", "-c", tiny_config(tmp_path)], capsys)
+    assert code == 2 and "pruned" in err and "required" in err, err

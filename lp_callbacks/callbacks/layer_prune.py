@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -13,7 +13,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from torch import nn
+from torch import Tensor, nn
 
 from lp_callbacks.architectures import DecoderStack, decoder_stack
 from lp_callbacks.callbacks.block_influence import BlockInfluenceMonitor, find_monitor, find_or_add_monitor
@@ -22,14 +22,9 @@ from lp_callbacks.distributed import check_strategy_supported, rebuild_ddp
 from lp_callbacks.events import DepthEvent, notify_before_prune
 from lp_callbacks.export import check_export_dir, save_export
 from lp_callbacks.schedules import GradualSchedule, PruneSchedule, plan_removals
-from lp_callbacks.selection import CRITERIA, choose_layers, protected_indices
+from lp_callbacks.selection import CRITERIA, AblationSettings, choose_layers, protected_indices
 from lp_callbacks.stepping import OptimizerStepTracker
-from lp_callbacks.surgery import (
-    check_removal_supported,
-    drop_layers,
-    drop_optimizer_params,
-    original_indices,
-)
+from lp_callbacks.surgery import check_removal_supported, drop_layers, drop_optimizer_params, original_indices
 from lp_callbacks.validation import check_amount, check_int
 
 __all__ = ["LayerPruneCallback"]
@@ -68,8 +63,9 @@ class LayerPruneCallback(Callback):
         gradual: or a :class:`~lp_callbacks.schedules.GradualSchedule` (or dict ``start_step``, ``end_step``,
             ``num_events``) spreading the removals over a range of steps.
         criterion: ``"block_influence"`` (ShortGPT: lowest BI), ``"angular"`` (Gromov: the contiguous run with the
-            smallest angular distance between its input and output), ``"last"`` (the deepest blocks, a baseline) or
-            ``"random"`` (a baseline, seeded by ``seed``).
+            smallest angular distance between its input and output), ``"last"`` (the deepest blocks, a baseline),
+            ``"random"`` (a baseline, seeded by ``seed``) or ``"ablation"`` (the blocks whose removal alone changes
+            the next-token distributions least, by KL on ``calibration_dataloader``: one forward per block).
         min_layers: floor: never fewer blocks than this.
         protect_first: the first N original blocks are never removed (the first block of an LLM has BI ~ 1).
         protect_last: the last N original blocks are never removed.
@@ -80,6 +76,9 @@ class LayerPruneCallback(Callback):
             ``"both"`` or ``"never"``. Each export is written to a temporary directory first, then renamed.
         tokenizer: saved next to the exported model when given.
         layers_path: dotted path of the block list for custom models.
+        calibration_dataloader: the batches ``"ablation"`` measures on at each event (unused by the other criteria).
+        calibration_batches: at most this many of them per measurement (``None``: all).
+        ablation_greedy: ``"ablation"`` one block at a time, re-measured after each choice (SLEB), not all at once.
 
     Example:
         >>> prune = LayerPruneCallback(num_layers=6, at_steps=[200, 400], export_dir="pruned")
@@ -97,7 +96,7 @@ class LayerPruneCallback(Callback):
         at_steps: int | Sequence[int] | None = None,
         at_epochs: int | Sequence[int] | None = None,
         gradual: GradualSchedule | Mapping[str, int] | None = None,
-        criterion: Literal["block_influence", "angular", "last", "random"] = "block_influence",
+        criterion: Literal["block_influence", "angular", "last", "random", "ablation"] = "block_influence",
         min_layers: int = 1,
         protect_first: int = 1,
         protect_last: int = 1,
@@ -107,6 +106,9 @@ class LayerPruneCallback(Callback):
         export_when: Literal["fit_end", "event", "both", "never"] = "fit_end",
         tokenizer: Any = None,
         layers_path: str | None = None,
+        calibration_dataloader: Iterable[Mapping[str, Tensor]] | None = None,
+        calibration_batches: int | None = None,
+        ablation_greedy: bool = False,
     ) -> None:
         amounts = dict(num_layers=num_layers, fraction=fraction, layers_per_event=layers_per_event)
         self.amount = check_amount(amounts, "how many blocks to remove")  # (name, value) of the one given
@@ -124,7 +126,8 @@ class LayerPruneCallback(Callback):
 
         self.schedule = PruneSchedule.from_args(at_steps, at_epochs, gradual)
         self.num_layers, self.fraction, self.layers_per_event = num_layers, fraction, layers_per_event
-        self.criterion = criterion
+        self.criterion, self.calibration_dataloader = criterion, calibration_dataloader
+        self.ablation = AblationSettings.build(criterion, calibration_dataloader, calibration_batches, ablation_greedy)
         self.min_layers = min_layers
         self.protect_first, self.protect_last = protect_first, protect_last
         self.protected_layers = tuple(protected_layers)
@@ -338,8 +341,8 @@ class LayerPruneCallback(Callback):
         original = self.original_indices or []
         protected = {i for i, o in enumerate(original) if o in self._protected_original()}
         seed = self.seed + len(self.removed)
-        if self.criterion not in _BY_SCORE:
-            return choose_layers(self.criterion, count, len(original), protected, seed)
+        if self.criterion not in _BY_SCORE:  # "ablation" measures the current model on the calibration batches
+            return choose_layers(self.criterion, count, len(original), protected, seed, model=self._stack, ablation=self.ablation)
         monitor = self._monitor
         if monitor is None:
             raise RuntimeError("LayerPruneCallback lost its BlockInfluenceMonitor.")
