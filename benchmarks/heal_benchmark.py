@@ -65,9 +65,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--alpha", type=float, default=0.5, help="KD weight")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--hidden-weight", type=float, default=0.0)
-    parser.add_argument("--eval-tokens", type=int, default=8192, help="tokens of each evaluation text")
+    parser.add_argument("--eval-tokens", type=int, default=4096, help="tokens of each evaluation text")
+    parser.add_argument("--eval-window", type=int, default=256, help="perplexity protocol: window length")
+    parser.add_argument("--eval-stride", type=int, default=256, help="perplexity protocol: stride")
     parser.add_argument("--timing-steps", type=int, default=12, help="alternating KD/no-KD steps (0: skip)")
-    parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS))
+    parser.add_argument("--runs", nargs="*", choices=RUNS, default=list(RUNS), help="none: only the timing")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the results here")
     return parser.parse_args()
@@ -167,8 +169,10 @@ def main() -> None:
     data = heal_data(tokenizer, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                      eval_tokens=args.eval_tokens)
     data["protocols"] = {
-        "in_domain": PerplexityProtocol(seq_len=256, stride=128, split="held-out plays (The Tempest, Twelfth Night)"),
-        "out_of_domain": PerplexityProtocol(seq_len=256, stride=128, split="modern English prose (CPython docs)"),
+        "in_domain": PerplexityProtocol(seq_len=args.eval_window, stride=args.eval_stride,
+                                        split="held-out plays (The Tempest, Twelfth Night)"),
+        "out_of_domain": PerplexityProtocol(seq_len=args.eval_window, stride=args.eval_stride,
+                                            split="modern English prose (CPython docs)"),
     }
     rows = data["out_of_domain"][: (args.eval_tokens // 256) * 256].view(-1, 256)  # disjoint windows of the ood text
     data["agreement_batches"] = [{"input_ids": b, "attention_mask": torch.ones_like(b)} for b in rows.split(4)]

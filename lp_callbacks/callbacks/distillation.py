@@ -56,8 +56,9 @@ class DistillationCallback(Callback):
     given teacher module is not saved, and a resume with a different one is refused.
 
     Args:
-        teacher: ``"initial"``, ``"before_first_prune"``, or an ``nn.Module`` (an HF causal LM with the student's
-            vocabulary), which is frozen and moved in place.
+        teacher: ``"initial"`` (the default: in the healing benchmark it kept out-of-domain text best, 33.3
+            against 35.4 perplexity for ``"before_first_prune"``, in-domain alike), ``"before_first_prune"``, or an
+            ``nn.Module`` (an HF causal LM with the student's vocabulary), which is frozen and moved in place.
         alpha: weight of KD in ``[0, 1]`` (1: KD only).
         temperature: softening ``T > 0`` of both distributions.
         top_k: distil only the teacher's ``k`` most likely tokens per position; ``None``: the full vocabulary.
@@ -69,14 +70,14 @@ class DistillationCallback(Callback):
         layers_path: dotted path of the student's block list, when the module holds several models.
 
     Example:
-        >>> distil = DistillationCallback(teacher="before_first_prune", alpha=0.5, teacher_dtype="bfloat16")
+        >>> distil = DistillationCallback(teacher="initial", alpha=0.5, teacher_dtype="bfloat16")
         >>> prune = LayerPruneCallback(fraction=0.2, gradual={"start_step": 10, "end_step": 30, "num_events": 3})
         >>> trainer = pl.Trainer(callbacks=[distil, prune], max_steps=40)  # doctest: +SKIP
     """
 
     def __init__(
         self,
-        teacher: Literal["initial", "before_first_prune"] | nn.Module = "before_first_prune",
+        teacher: Literal["initial", "before_first_prune"] | nn.Module = "initial",
         alpha: float = 0.5,
         temperature: float = 1.0,
         top_k: int | None = None,
