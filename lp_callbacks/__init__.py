@@ -12,7 +12,7 @@ from lp_callbacks.callbacks import (
 )
 from lp_callbacks.checkpoint import load_pruned_checkpoint, restore_pruned_architecture
 from lp_callbacks.events import DepthEvent
-from lp_callbacks.measure import DepthMeasurement, block_influence, measure_depth
+from lp_callbacks.measure import DepthMeasurement, block_ablation, block_influence, measure_depth
 from lp_callbacks.schedules import GradualSchedule
 from lp_callbacks.surgery import drop_layers
 
@@ -28,6 +28,7 @@ __all__ = [
     "GradualSchedule",
     "LayerFreezeCallback",
     "LayerPruneCallback",
+    "block_ablation",
     "block_influence",
     "drop_layers",
     "find_monitor",
