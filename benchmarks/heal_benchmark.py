@@ -65,6 +65,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--alpha", type=float, default=0.5, help="KD weight")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--hidden-weight", type=float, default=0.0)
+    parser.add_argument("--chunk-size", type=int, default=128, help="KD positions per fp32 chunk")
     parser.add_argument("--eval-tokens", type=int, default=4096, help="tokens of each evaluation text")
     parser.add_argument("--eval-window", type=int, default=256, help="perplexity protocol: window length")
     parser.add_argument("--eval-stride", type=int, default=256, help="perplexity protocol: stride")
@@ -97,13 +98,14 @@ def train(name: str, original: torch.nn.Module, data: dict[str, Any], args: argp
         removed = one_shot_removal(model, data["calibration"], args)
         if name == "posthoc_kd":
             callbacks.append(DistillationCallback(teacher=copy.deepcopy(original), alpha=args.alpha,
-                                                  temperature=args.temperature, hidden_weight=args.hidden_weight))
+                                                  temperature=args.temperature, hidden_weight=args.hidden_weight,
+                                                  chunk_size=args.chunk_size))
     prune = None
     if name.startswith("gradual"):
         if "kd" in name:
             teacher = "initial" if name.endswith("initial") else "before_first_prune"
             callbacks.append(DistillationCallback(teacher=teacher, alpha=args.alpha, temperature=args.temperature,
-                                                  hidden_weight=args.hidden_weight))
+                                                  hidden_weight=args.hidden_weight, chunk_size=args.chunk_size))
         prune = LayerPruneCallback(num_layers=args.remove, gradual=gradual_schedule(args))
         callbacks += [BlockInfluenceMonitor(every_n_steps=1), prune]
     timer = StepTimer()
@@ -148,7 +150,7 @@ class AlternateTeacher(pl.Callback):
 
 def kd_step_ratio(original: torch.nn.Module, data: dict[str, Any], args: argparse.Namespace) -> dict[str, float]:
     """Median step time with KD over without, alternating in one run (the first two steps are warm-up)."""
-    distil = DistillationCallback(teacher="initial", alpha=args.alpha)
+    distil = DistillationCallback(teacher="initial", alpha=args.alpha, chunk_size=args.chunk_size)
     alternate, timer = AlternateTeacher(distil), StepTimer()
     trainer = pl.Trainer(max_steps=args.timing_steps + 2, accelerator="cpu", devices=1, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

@@ -106,7 +106,7 @@ def kd_loss(
     *,
     temperature: float = 1.0,
     top_k: int | None = None,
-    chunk_size: int = 1024,
+    chunk_size: int = 128,
 ) -> Tensor:
     """Mean over the real positions of ``T^2 * KL(teacher || student)`` of the next-token distributions.
 

@@ -66,7 +66,8 @@ class DistillationCallback(Callback):
         teacher_dtype: ``"float32"``, ``"bfloat16"``, ``"float16"``, ``"float64"`` or a ``torch.dtype``; ``None``: the
             student's.
         teacher_device: e.g. ``"cpu"`` or ``"cuda:1"``; ``None``: the student's device.
-        chunk_size: positions per fp32 KL chunk.
+        chunk_size: positions per fp32 KL chunk (128: on 2 CPU cores and a 49k vocabulary a KD step took 1.45x a
+            plain step, against 1.62x with 1024; smaller chunks also hold less memory).
         layers_path: dotted path of the student's block list, when the module holds several models.
 
     Example:
@@ -84,7 +85,7 @@ class DistillationCallback(Callback):
         hidden_weight: float = 0.0,
         teacher_dtype: str | torch.dtype | None = None,
         teacher_device: str | torch.device | None = None,
-        chunk_size: int = 1024,
+        chunk_size: int = 128,
         layers_path: str | None = None,
     ) -> None:
         if not isinstance(teacher, nn.Module) and teacher not in _TEACHERS:
