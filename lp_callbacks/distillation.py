@@ -30,7 +30,15 @@ from torch.utils.checkpoint import checkpoint
 
 from lp_callbacks.validation import check_int, check_number
 
-__all__ = ["IGNORE_INDEX", "aligned_hidden_pairs", "hidden_alignment_loss", "kd_loss", "kl_per_position", "next_token_mask"]
+__all__ = [
+    "IGNORE_INDEX",
+    "aligned_hidden_pairs",
+    "hidden_alignment_loss",
+    "kd_loss",
+    "kl_per_position",
+    "next_token_mask",
+    "next_token_targets",
+]
 
 #: Label value of positions that do not count (Hugging Face's convention).
 IGNORE_INDEX = -100
@@ -62,6 +70,21 @@ def next_token_mask(labels: Tensor | None = None, attention_mask: Tensor | None 
         real = attention_mask.bool()
         mask[:, :-1] = real[:, :-1] & real[:, 1:]
     return mask
+
+
+def next_token_targets(
+    input_ids: Tensor, labels: Tensor | None = None, attention_mask: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """``(mask, targets)``, both ``(B, T)``: :func:`next_token_mask` (every position but the last when neither
+    ``labels`` nor ``attention_mask`` is given) and the token each position predicts, ``labels[:, t + 1]`` (else
+    ``input_ids[:, t + 1]``; 0 at the last position, which never counts)."""
+    if labels is None and attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    mask = next_token_mask(labels=labels, attention_mask=attention_mask)
+    source = labels if labels is not None else input_ids
+    targets = torch.zeros_like(source)
+    targets[:, :-1] = source[:, 1:]
+    return mask, targets
 
 
 def kl_per_position(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0, top_k: int | None = None) -> Tensor:

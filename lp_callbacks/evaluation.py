@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lp_callbacks.distillation import kl_per_position, next_token_mask
+from lp_callbacks.distillation import kl_per_position, next_token_targets
 from lp_callbacks.measure import _model_inputs, _progress, _takes_position_ids
 from lp_callbacks.validation import check_int
 
@@ -168,13 +168,7 @@ def teacher_agreement(
             input_ids = s_inputs["input_ids"]
             labels = batch.get("labels")
             labels = labels.to(s_device) if labels is not None else None
-            attention_mask = s_inputs.get("attention_mask")
-            if labels is None and attention_mask is None:
-                attention_mask = torch.ones_like(input_ids)
-            mask = next_token_mask(labels=labels, attention_mask=attention_mask)
-            source = labels if labels is not None else input_ids
-            targets = torch.zeros_like(source)
-            targets[:, :-1] = source[:, 1:]
+            mask, targets = next_token_targets(input_ids, labels, s_inputs.get("attention_mask"))
             vocab = s_logits.shape[-1]
             s_flat, t_flat = s_logits.reshape(-1, vocab), t_logits.reshape(-1, vocab)
             rows = mask.reshape(-1).nonzero().squeeze(-1)

@@ -295,7 +295,7 @@ def block_ablation(
         ValueError: a position is out of range or repeated, ``blocks`` and ``skipped`` overlap, an ablation would
             leave no block, or no position counted.
     """
-    from lp_callbacks.distillation import kl_per_position, next_token_mask
+    from lp_callbacks.distillation import kl_per_position, next_token_targets
     from lp_callbacks.evaluation import _device, _evaluating, _logits, _nll, _no_autocast
 
     check_int("max_batches", max_batches, minimum=1, allow_none=True)
@@ -319,14 +319,9 @@ def block_ablation(
         with _evaluating(root):
             for batch in _progress(batches, max_batches, "block ablation"):
                 inputs = _model_inputs(batch, device, takes_positions)
-                labels, attention_mask = batch.get("labels"), inputs.get("attention_mask")
+                labels = batch.get("labels")
                 labels = labels.to(device) if labels is not None else None
-                if labels is None and attention_mask is None:
-                    attention_mask = torch.ones_like(inputs["input_ids"])
-                mask = next_token_mask(labels=labels, attention_mask=attention_mask)
-                source = labels if labels is not None else inputs["input_ids"]
-                targets = torch.zeros_like(source)
-                targets[:, :-1] = source[:, 1:]
+                mask, targets = next_token_targets(inputs["input_ids"], labels, inputs.get("attention_mask"))
                 targets = targets.reshape(-1)
                 chunks = mask.reshape(-1).nonzero().squeeze(-1).split(chunk_size)
                 off.clear()
