@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from lp_callbacks.architectures import decoder_stack
+from lp_callbacks.distributed import forget_parameters
 from lp_callbacks.surgery import Model, drop_layers, original_indices, removed_original_indices, restore_layers
 
 __all__ = [
@@ -43,11 +43,17 @@ __all__ = [
 PRUNE_STATE_PREFIX = "LayerPruneCallback"
 
 
+#: The file of a distributed checkpoint folder (``ModelParallelStrategy``) that holds everything but the tensors.
+DISTRIBUTED_METADATA_FILE = "meta.pt"
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any] | None:
-    """The checkpoint file at ``path``, memory-mapped (weights stay on disk); ``None`` for a sharded checkpoint folder."""
+    """The checkpoint file at ``path``, memory-mapped (weights stay on disk); for a distributed checkpoint folder
+    (FSDP2's default) its metadata only: callbacks' states, loops, no ``state_dict``; ``None`` for another folder."""
     path = Path(path)
-    if path.is_dir():  # a distributed checkpoint: its callback states are not readable without the strategy
-        return None
+    if path.is_dir():
+        metadata = path / DISTRIBUTED_METADATA_FILE
+        return torch.load(metadata, map_location="cpu", weights_only=False) if metadata.is_file() else None
     if not path.is_file():
         raise FileNotFoundError(f"`ckpt_path` {str(path)!r} does not exist.")
     return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
@@ -138,30 +144,74 @@ def restore_pruned_architecture(
     return original_indices(stack)
 
 
+_BEFORE_LOAD = "_lp_before_checkpoint_load"  # on the strategy: the functions to run before it loads a checkpoint
+
+
 def before_weights_load(
     trainer: Any, pl_module: nn.Module, on_checkpoint: Callable[[nn.Module, dict[str, Any]], Any]
-) -> RemovableHandle:
-    """Run ``on_checkpoint(module, checkpoint)`` once, just before Lightning loads ``trainer.ckpt_path``'s weights
-    into ``pl_module`` (strictly, after ``setup`` and ``configure_model``: a ``load_state_dict`` pre-hook is in
-    time); nothing runs without a checkpoint file. Returns the hook handle, to remove once the weights are loaded.
+) -> _BeforeLoad:
+    """Run ``on_checkpoint(pl_module, checkpoint)`` just before the Trainer's strategy loads a local checkpoint
+    (``fit``/``validate``/... with ``ckpt_path``); nothing runs without one. Returns a handle to ``remove()``.
+
+    Every strategy loads through ``strategy.load_checkpoint(path)``, after ``setup`` and ``configure_model``: a
+    single device and DDP before the optimizers exist, ``ModelParallelStrategy`` (FSDP2) after the model was sharded
+    and the optimizers built, reading the module's ``state_dict`` as the template of a distributed checkpoint
+    folder, or the module's parameter names for a full-state-dict file. Lightning has no callback hook at that
+    point, so the strategy's ``load_checkpoint`` is wrapped on this Trainer's strategy object for the duration of
+    the handle (the class is untouched); several callbacks share one wrapper, in the order they registered.
 
     Example:
         >>> handle = before_weights_load(trainer, module, restore_pruned_architecture)  # doctest: +SKIP
     """
-    pending = True
+    strategy = trainer.strategy
+    pending = strategy.__dict__.get(_BEFORE_LOAD)
+    if pending is None:
+        pending = strategy.__dict__[_BEFORE_LOAD] = []
+        load = strategy.load_checkpoint
 
-    def hook(module: nn.Module, *args: Any, **kwargs: Any) -> None:
-        nonlocal pending
-        if not pending:  # once (removing the handle here would mutate the hooks being iterated)
+        def load_checkpoint(checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+            checkpoint = _local_checkpoint(checkpoint_path) if pending else None
+            if checkpoint is not None:
+                for fn in list(pending):
+                    fn(checkpoint)
+            return load(checkpoint_path, *args, **kwargs)
+
+        strategy.load_checkpoint = load_checkpoint
+    def run(checkpoint: dict[str, Any]) -> None:
+        before = list(pl_module.parameters())
+        on_checkpoint(pl_module, checkpoint)
+        alive = {id(p) for p in pl_module.parameters()}
+        dead = [p for p in before if id(p) not in alive]
+        if dead:  # FSDP2 loads after the optimizers and the monitors were set up on the full model
+            forget_parameters(trainer, dead)
+            for callback in trainer.callbacks:
+                if getattr(callback, "recorder", None) is not None and callable(getattr(callback, "layers_removed", None)):
+                    callback.layers_removed([])  # a BlockInfluenceMonitor re-hooks the blocks that exist
+
+    handle = _BeforeLoad(strategy, run)
+    pending.append(handle.fn)
+    return handle
+
+
+def _local_checkpoint(path: Any) -> dict[str, Any] | None:
+    # a remote URL (s3://, ...) is Lightning's to read, and cannot be rebuilt for here
+    return load_checkpoint(path) if path and Path(path).exists() else None
+
+
+class _BeforeLoad:
+    """The handle of :func:`before_weights_load`: ``remove()`` unregisters (the last one unwraps the strategy)."""
+
+    def __init__(self, strategy: Any, fn: Callable[[dict[str, Any]], Any]) -> None:
+        self.strategy, self.fn = strategy, fn
+
+    def remove(self) -> None:
+        pending = self.strategy.__dict__.get(_BEFORE_LOAD)
+        if pending is None or self.fn not in pending:
             return
-        pending = False
-        path = trainer.ckpt_path
-        # a local file only: a remote URL (s3://, ...) is Lightning's to read, and cannot be rebuilt for here
-        checkpoint = load_checkpoint(path) if path and Path(path).is_file() else None
-        if checkpoint is not None:
-            on_checkpoint(module, checkpoint)
-
-    return pl_module.register_load_state_dict_pre_hook(hook)
+        pending.remove(self.fn)
+        if not pending:
+            del self.strategy.__dict__[_BEFORE_LOAD]
+            del self.strategy.__dict__["load_checkpoint"]  # back to the class's method
 
 
 def load_pruned_checkpoint(
@@ -173,7 +223,7 @@ def load_pruned_checkpoint(
         >>> module = load_pruned_checkpoint(MyModule(), "lightning_logs/version_0/checkpoints/last.ckpt")  # doctest: +SKIP
     """
     checkpoint = load_checkpoint(ckpt_path)
-    if checkpoint is None:
+    if checkpoint is None or "state_dict" not in checkpoint:
         raise ValueError(f"`ckpt_path` {str(ckpt_path)!r} is a sharded checkpoint folder; load it with its strategy.")
     restore_pruned_architecture(module, checkpoint, layers_path)
     module.load_state_dict(checkpoint["state_dict"], strict=strict)

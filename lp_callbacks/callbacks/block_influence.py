@@ -203,8 +203,6 @@ class BlockInfluenceMonitor(Callback):
             self._rebuild_hook = before_weights_load(trainer, pl_module, rebuild)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._rebuild_hook is not None:
-            self._rebuild_hook.remove()  # the weights are loaded by now
         self._attach(pl_module)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lp_callbacks.architectures import decoder_stack
+from lp_callbacks.distributed import check_strategy_supported
 from lp_callbacks.evaluation import evaluate_tasks, teacher_agreement
 from lp_callbacks.events import collect_depth_events
 from lp_callbacks.reference import called_module, frozen_copy, full_depth_copy
@@ -97,6 +98,8 @@ class ControlEvaluationCallback(Callback):
     # ================================================================ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
+            # rank zero evaluates alone: a sharded model would wait for the other ranks' shards
+            check_strategy_supported(trainer, "ControlEvaluationCallback", fsdp2=False)
             self.history, self._seen, self._restored = [], set(), None
             if self.source == "initial":
                 self.reference = None

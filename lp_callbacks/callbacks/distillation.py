@@ -121,7 +121,7 @@ class DistillationCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        check_strategy_supported(trainer, "DistillationCallback")
+        check_strategy_supported(trainer, "DistillationCallback", fsdp2=False)
         others = [c for c in trainer.callbacks if isinstance(c, DistillationCallback) and c is not self]
         if others:
             raise ValueError("DistillationCallback: give one DistillationCallback per Trainer, got several.")

@@ -23,7 +23,8 @@ from torch import Tensor, nn
 
 from lp_callbacks.architectures import DecoderStack, decoder_stack
 from lp_callbacks.callbacks.block_influence import BlockInfluenceMonitor, find_monitor, find_or_add_monitor
-from lp_callbacks.distributed import check_strategy_supported, rebuild_ddp
+from lp_callbacks.checkpoint import before_weights_load
+from lp_callbacks.distributed import check_strategy_supported, sync_strategy_with_model
 from lp_callbacks.events import DepthEvent
 from lp_callbacks.freezing import (
     check_scores,
@@ -182,6 +183,7 @@ class LayerFreezeCallback(Callback):
         self._layouts: list[list[list[nn.Parameter]]] = []  # per optimizer, per group: params as configured
         self._input_grads_enabled = False
         self._steps = OptimizerStepTracker()
+        self._load_hook: Any = None
 
     # ================================================================ public reading API
     @property
@@ -200,6 +202,7 @@ class LayerFreezeCallback(Callback):
         if stage != "fit":
             return
         check_strategy_supported(trainer, "LayerFreezeCallback")
+        self._load_hook = before_weights_load(trainer, pl_module, lambda _, checkpoint: self._before_checkpoint_load(trainer, checkpoint))
         _refuse_pruning(trainer)
         check_warmup(self.warmup_steps, trainer.max_steps)
         needs_monitor = bool(self.warmup_steps or self.reevaluate_every_n_steps)
@@ -237,6 +240,11 @@ class LayerFreezeCallback(Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._release()
 
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._load_hook is not None:
+            self._load_hook.remove()
+            self._load_hook = None
+
     # ================================================================ checkpointing
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -255,6 +263,16 @@ class LayerFreezeCallback(Callback):
         self.record = dict(state_dict.get("record", {}))
         self.history = list(state_dict.get("history", []))
         self.depth_events = [DepthEvent.from_dict(d) for d in state_dict.get("depth_events", [])]
+
+    def _before_checkpoint_load(self, trainer: pl.Trainer, checkpoint: Mapping[str, Any]) -> None:
+        """FSDP2 loads a checkpoint after ``on_fit_start`` built the optimizers: its frozen set is applied first, so
+        that the optimizer state fits (elsewhere the checkpoint loads before, and Lightning restores this state)."""
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        if state is None or not trainer.strategy.restore_checkpoint_after_setup:
+            return
+        self.load_state_dict(state)  # Lightning loads the same again later
+        if self.frozen_blocks is not None:
+            self._apply(trainer, trainer.lightning_module, self.frozen_blocks)
 
     # ================================================================ internals: binding
     def _bind(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -363,7 +381,7 @@ class LayerFreezeCallback(Callback):
         for optimizer, layout in zip(trainer.optimizers, self._layouts, strict=False):
             drop_optimizer_params(optimizer, frozen.values(), layout)
         if changed:
-            rebuild_ddp(trainer)
+            sync_strategy_with_model(trainer)
         self._enable_input_grads()
 
     def _enable_input_grads(self) -> None:

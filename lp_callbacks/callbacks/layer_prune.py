@@ -17,14 +17,19 @@ from torch import Tensor, nn
 
 from lp_callbacks.architectures import DecoderStack, decoder_stack
 from lp_callbacks.callbacks.block_influence import BlockInfluenceMonitor, find_monitor, find_or_add_monitor
-from lp_callbacks.checkpoint import before_weights_load, own_prune_state, removal_records, restore_pruned_architecture
-from lp_callbacks.distributed import check_strategy_supported, rebuild_ddp
+from lp_callbacks.checkpoint import (
+    before_weights_load,
+    own_prune_state,
+    removal_records,
+    restore_pruned_architecture,
+)
+from lp_callbacks.distributed import check_strategy_supported, forget_parameters, gather_full_model, is_fsdp2
 from lp_callbacks.events import DepthEvent, notify_before_prune
 from lp_callbacks.export import check_export_dir, save_export
 from lp_callbacks.schedules import GradualSchedule, PruneSchedule, plan_removals
 from lp_callbacks.selection import CRITERIA, AblationSettings, choose_layers, protected_indices
 from lp_callbacks.stepping import OptimizerStepTracker
-from lp_callbacks.surgery import check_removal_supported, drop_layers, drop_optimizer_params, original_indices
+from lp_callbacks.surgery import check_removal_supported, drop_layers, original_indices
 from lp_callbacks.validation import check_amount, check_int
 
 __all__ = ["LayerPruneCallback"]
@@ -179,7 +184,6 @@ class LayerPruneCallback(Callback):
         # else: the model is built in configure_model; bound in the pre-hook (resume) or in on_fit_start
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._resume_hook.remove()  # the weights are loaded by now
         if self.original_num_layers is None:
             self._bind(trainer, pl_module)
 
@@ -310,10 +314,7 @@ class LayerPruneCallback(Callback):
         dead = [p for i in chosen for p in stack.layers[i].parameters()]
         original = [original_indices(stack)[i] for i in chosen]
         drop_layers(stack, chosen)
-        for optimizer in trainer.optimizers:  # groups left empty go too, with their LR scheduler entries
-            schedulers = [c.scheduler for c in trainer.lr_scheduler_configs if c.scheduler.optimizer is optimizer]
-            drop_optimizer_params(optimizer, dead, schedulers=schedulers)
-        rebuild_ddp(trainer)
+        forget_parameters(trainer, dead)
         if self._monitor is not None:
             self._monitor.layers_removed(chosen)  # re-hook; next decision uses BI of the new model only
         return original
@@ -378,10 +379,13 @@ class LayerPruneCallback(Callback):
         Only an earlier export of this package (its ``lp_pruning.json``) is ever replaced; a PEFT model is saved
         with its adapters merged, loadable by plain ``from_pretrained``.
         """
+        started = time.perf_counter()
+        model: nn.Module | None = decoder_stack(pl_module, self.layers_path).root
+        if is_fsdp2(model):  # every rank takes part in gathering the shards
+            model = gather_full_model(model, trainer.is_global_zero)
         if trainer.is_global_zero:
-            started = time.perf_counter()
+            assert model is not None
             rank_zero_info(f"LayerPruneCallback: exporting the pruned model to {directory} ...")
-            model = decoder_stack(pl_module, self.layers_path).root
             path = save_export(model, directory, self.export_record(), self.tokenizer, argument="export_dir")
             rank_zero_info(
                 f"LayerPruneCallback: exported the {len(self.original_indices or [])}-block model to {path}"

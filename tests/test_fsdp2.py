@@ -1,0 +1,186 @@
+"""FSDP2 (Lightning's ModelParallelStrategy, ``fully_shard`` per block) with 2 CPU processes over gloo.
+
+Each test launches tests/fsdp2_script.py (one fit) and reads what rank 0 wrote. The runs are small (a tiny Llama,
+16 sequences) and compared with the same run under DDP or on one process, exactly where the arithmetic is the same.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import LAYERS, RandomTokens, TinyLM
+
+SCRIPT = Path(__file__).parent / "fsdp2_script.py"
+
+
+def run(out: Path, **settings) -> dict:
+    """One 2-process fit with ``settings`` (see the script); returns rank 0's result."""
+    out.mkdir(parents=True, exist_ok=True)
+    settings.setdefault("strategy", "fsdp2")
+    proc = subprocess.run([sys.executable, str(SCRIPT), json.dumps(settings), str(out)], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return torch.load(out / "result.pt", weights_only=False)
+
+
+def first_eight():
+    """The sequences both ranks saw in 2 steps (2 x 2 x 2): the first 8 of the script's 16."""
+    from torch.utils.data import DataLoader, Subset
+
+    return DataLoader(Subset(RandomTokens(length=16), range(8)), batch_size=8)
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def pruned_fsdp2(tmp_path_factory) -> tuple[Path, dict]:
+    """6 steps under FSDP2, two blocks removed after step 2, a distributed checkpoint at step 4, an export."""
+    out = tmp_path_factory.mktemp("fsdp2_prune")
+    return out, run(out, callbacks="prune", max_steps=6, save_every=4, export_dir=str(out / "export"))
+
+
+def test_monitor_bi_equals_single_process_bi_over_the_union(tmp_path):
+    """The model is built in configure_model (nothing exists before); BI is reduced over both ranks."""
+    from lp_callbacks import measure_depth
+
+    result = run(tmp_path, callbacks="monitor", max_steps=2, late_model=True, lr=0.0)
+    union = measure_depth(TinyLM(lr=0.0).model, first_eight(), block_sizes=(2,))
+    torch.testing.assert_close(result["bi"], union.block_influence, atol=1e-6, rtol=0)
+    torch.testing.assert_close(result["angular2"], union.angular_distances[2], atol=1e-6, rtol=0)
+    assert result["tokens"] == union.tokens
+
+
+def test_bf16_parameters_keep_bi_in_float64(tmp_path):
+    """MixedPrecisionPolicy(param_dtype=bf16): hidden states are bf16, BI is accumulated in float64."""
+    from lp_callbacks import measure_depth
+
+    result = run(tmp_path, callbacks="monitor", max_steps=2, lr=0.0, mixed=True)
+    union = measure_depth(TinyLM(lr=0.0).model, first_eight())
+    assert result["bi"].dtype == torch.float64 and torch.isfinite(result["bi"]).all()
+    torch.testing.assert_close(result["bi"], union.block_influence, atol=2e-2, rtol=0)  # bf16 activations
+    assert result["tokens"] == union.tokens
+
+
+def test_pruned_fsdp2_run_equals_the_same_run_under_ddp(pruned_fsdp2, tmp_path):
+    out, fsdp2 = pruned_fsdp2
+    ddp = run(tmp_path, strategy="ddp", callbacks="prune", max_steps=6)
+    assert fsdp2["removed"] == ddp["removed"] and len(fsdp2["removed"][0]) == 2
+    assert fsdp2["num_layers"] == LAYERS - 2 and fsdp2["global_step"] == 6
+    assert max_diff(fsdp2["state"], ddp["state"]) < 1e-5
+    # the optimizer holds the survivors only: Adam's two moments per element of the pruned model
+    assert fsdp2["optimizer_state_numel"] == ddp["optimizer_state_numel"] == 2 * fsdp2["trainable_numel"]
+    assert fsdp2["trainable_numel"] == sum(t.numel() for t in fsdp2["state"].values())  # no tied weights here
+    # DepthEfficiencyMonitor counts the whole model, not a shard
+    assert fsdp2["depth_baseline"]["params_total"] == ddp["depth_baseline"]["params_total"]
+    assert fsdp2["depth_last"]["depth/params_total"] == ddp["depth_last"]["depth/params_total"] < fsdp2["depth_baseline"]["params_total"]
+
+
+def test_export_of_the_sharded_model_loads_with_plain_transformers(pruned_fsdp2):
+    from transformers import AutoModelForCausalLM
+
+    out, fsdp2 = pruned_fsdp2
+    model = AutoModelForCausalLM.from_pretrained(out / "export")
+    assert len(model.model.layers) == model.config.num_hidden_layers == LAYERS - 2
+    state = model.state_dict()
+    assert max_diff({k: state[k] for k in fsdp2["state"]}, fsdp2["state"]) == 0.0
+    record = json.loads((out / "export" / "lp_pruning.json").read_text())
+    assert record["kept_original_layers"] == fsdp2["kept"]
+
+
+@pytest.mark.parametrize("distributed_checkpoint", [True, False], ids=["dcp_folder", "full_state_file"])
+def test_resume_after_a_removal_equals_the_uninterrupted_run(pruned_fsdp2, tmp_path, distributed_checkpoint):
+    """A checkpoint taken after the removal (step 4 of 6, an epoch boundary): the resumed run rebuilds the pruned
+    architecture before the sharded weights and the optimizer state load, and ends where the uninterrupted one did."""
+    out, uninterrupted = pruned_fsdp2
+    checkpoint = out / "ckpt" / "epoch=0-step=4.ckpt"
+    if not distributed_checkpoint:  # the same run, saving one full-state-dict file
+        first = run(tmp_path / "first", callbacks="prune", max_steps=6, save_every=4, distributed_checkpoint=False)
+        assert max_diff(first["state"], uninterrupted["state"]) == 0.0
+        checkpoint = tmp_path / "first" / "ckpt" / "epoch=0-step=4.ckpt"
+        assert checkpoint.is_file()
+    else:
+        assert checkpoint.is_dir()
+    resumed = run(tmp_path / "resumed", callbacks="prune", max_steps=6, ckpt_path=str(checkpoint),
+                  distributed_checkpoint=distributed_checkpoint)
+    assert resumed["removed"] == uninterrupted["removed"] and resumed["global_step"] == 6
+    assert max_diff(resumed["state"], uninterrupted["state"]) == 0.0
+    assert resumed["optimizer_state_numel"] == uninterrupted["optimizer_state_numel"]
+
+
+def test_freezing_under_fsdp2_holds_and_resumes(tmp_path):
+    """The 3 highest-scored blocks (and embeddings, final norm, head) are frozen: bit-identical at the end, no
+    optimizer state; every other parameter trains."""
+    first = run(tmp_path / "first", callbacks="freeze", max_steps=6, save_every=4)
+    assert first["frozen"] == [0, 2, 4]
+    initial, final = first["initial"], first["state"]
+    frozen = {k for k in final if k in first["frozen_names"]}
+    assert {k for k in final if any(k.startswith(f"model.layers.{i}.") for i in (0, 2, 4))} < frozen
+    assert "model.embed_tokens.weight" in frozen and not any(k.startswith("model.layers.1.") for k in frozen)
+    assert all(torch.equal(final[k], initial[k]) for k in frozen)
+    assert all(not torch.equal(final[k], initial[k]) for k in final.keys() - frozen)
+    assert first["trainable_numel"] == sum(final[k].numel() for k in final.keys() - frozen)
+    assert first["optimizer_state_numel"] == 2 * first["trainable_numel"]
+    resumed = run(tmp_path / "resumed", callbacks="freeze", max_steps=6,
+                  ckpt_path=str(tmp_path / "first" / "ckpt" / "epoch=0-step=4.ckpt"))
+    assert resumed["frozen"] == first["frozen"]
+    assert max_diff(resumed["state"], final) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("strategy", "who", "match"),
+    [
+        (lambda s: s.FSDPStrategy(), "LayerPruneCallback", "does not support the FSDPStrategy strategy.*ModelParallelStrategy"),
+        (lambda s: type("DeepSpeedStrategy", (), {})(), "LayerFreezeCallback",  # deepspeed is not installed
+         "does not support the DeepSpeedStrategy strategy.*tensor_parallel_size=1"),
+        (lambda s: s.ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2), "LayerPruneCallback",
+         r"data parallelism only \(FSDP2\): got tensor_parallel_size=2, expected 1"),
+        (lambda s: s.ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), "DistillationCallback",
+         "DistillationCallback does not support the ModelParallelStrategy strategy"),
+    ],
+    ids=["fsdp1", "deepspeed", "tensor_parallel", "distillation_fsdp2"],
+)
+def test_refused_strategies_are_named_with_the_supported_way(strategy, who, match):
+    from types import SimpleNamespace
+
+    from lightning.pytorch import strategies
+
+    from lp_callbacks.distributed import check_strategy_supported
+
+    trainer = SimpleNamespace(strategy=strategy(strategies))
+    with pytest.raises(ValueError, match=match):
+        check_strategy_supported(trainer, who, fsdp2=who != "DistillationCallback")
+
+
+def test_data_parallel_fsdp2_is_accepted():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from lp_callbacks.distributed import check_strategy_supported, strategy_kind
+
+    trainer = SimpleNamespace(strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1))
+    check_strategy_supported(trainer, "LayerPruneCallback")
+    assert strategy_kind(trainer) == "fsdp2"
+
+
+def test_readme_scaling_out_example_runs_as_pasted(tmp_path):
+    """The README's FSDP2 block, unchanged, as a script (Lightning's launcher re-runs it in the second process)."""
+    import re
+
+    from transformers import AutoModelForCausalLM
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("## Scaling out (FSDP2)", 1)[1]
+    (tmp_path / "example.py").write_text(re.search(r"```python\n(.*?)```", section, re.S).group(1))
+    proc = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned_fsdp2")
+    assert exported.config.num_hidden_layers == len(exported.model.layers) == 6
