@@ -148,7 +148,7 @@ _BEFORE_LOAD = "_lp_before_checkpoint_load"  # on the strategy: the functions to
 
 
 def before_weights_load(
-    trainer: Any, pl_module: nn.Module, on_checkpoint: Callable[[nn.Module, dict[str, Any]], Any]
+    trainer: Any, pl_module: nn.Module, on_checkpoint: Callable[[nn.Module, dict[str, Any]], Any], late: bool = False
 ) -> _BeforeLoad:
     """Run ``on_checkpoint(pl_module, checkpoint)`` just before the Trainer's strategy loads a local checkpoint
     (``fit``/``validate``/... with ``ckpt_path``); nothing runs without one. Returns a handle to ``remove()``.
@@ -158,7 +158,8 @@ def before_weights_load(
     and the optimizers built, reading the module's ``state_dict`` as the template of a distributed checkpoint
     folder, or the module's parameter names for a full-state-dict file. Lightning has no callback hook at that
     point, so the strategy's ``load_checkpoint`` is wrapped on this Trainer's strategy object for the duration of
-    the handle (the class is untouched); several callbacks share one wrapper, in the order they registered.
+    the handle (the class is untouched); several callbacks share one wrapper, in the order they registered, those
+    registered with ``late=True`` (which read the architecture the others rebuild) after the others.
 
     Example:
         >>> handle = before_weights_load(trainer, module, restore_pruned_architecture)  # doctest: +SKIP
@@ -172,7 +173,7 @@ def before_weights_load(
         def load_checkpoint(checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
             checkpoint = _local_checkpoint(checkpoint_path) if pending else None
             if checkpoint is not None:
-                for fn in list(pending):
+                for _, fn in sorted(pending, key=lambda entry: entry[0]):  # stable: registration order within each
                     fn(checkpoint)
             return load(checkpoint_path, *args, **kwargs)
 
@@ -188,8 +189,8 @@ def before_weights_load(
                 if getattr(callback, "recorder", None) is not None and callable(getattr(callback, "layers_removed", None)):
                     callback.layers_removed([])  # a BlockInfluenceMonitor re-hooks the blocks that exist
 
-    handle = _BeforeLoad(strategy, run)
-    pending.append(handle.fn)
+    handle = _BeforeLoad(strategy, (late, run))
+    pending.append(handle.entry)
     return handle
 
 
@@ -201,14 +202,14 @@ def _local_checkpoint(path: Any) -> dict[str, Any] | None:
 class _BeforeLoad:
     """The handle of :func:`before_weights_load`: ``remove()`` unregisters (the last one unwraps the strategy)."""
 
-    def __init__(self, strategy: Any, fn: Callable[[dict[str, Any]], Any]) -> None:
-        self.strategy, self.fn = strategy, fn
+    def __init__(self, strategy: Any, entry: tuple[bool, Callable[[dict[str, Any]], Any]]) -> None:
+        self.strategy, self.entry = strategy, entry
 
     def remove(self) -> None:
         pending = self.strategy.__dict__.get(_BEFORE_LOAD)
-        if pending is None or self.fn not in pending:
+        if pending is None or self.entry not in pending:
             return
-        pending.remove(self.fn)
+        pending.remove(self.entry)
         if not pending:
             del self.strategy.__dict__[_BEFORE_LOAD]
             del self.strategy.__dict__["load_checkpoint"]  # back to the class's method

@@ -4,8 +4,8 @@ Three set-ups are supported: one device, DDP (every flavour of ``DDPStrategy``),
 ``ModelParallelStrategy`` with data parallelism only (``tensor_parallel_size=1``, ``fully_shard`` applied in the
 user's ``configure_model``). After a callback removed or (un)froze parameters it calls
 :func:`sync_strategy_with_model`: DDP is re-wrapped (it fixes at construction which parameters it all-reduces),
-FSDP2's root forgets the block states it collected at its first forward (a removed block would stay alive in that
-list and keep its memory).
+FSDP2's root forgets the block states it collected at its first forward (it would go on driving a removed block's
+state in every backward).
 
 Example:
     >>> check_strategy_supported(trainer, "LayerPruneCallback")  # doctest: +SKIP
@@ -32,6 +32,7 @@ __all__ = [
     "is_fsdp2",
     "rebuild_ddp",
     "refresh_fsdp2_root",
+    "schedulers_of",
     "strategy_kind",
     "sync_strategy_with_model",
 ]
@@ -107,9 +108,13 @@ def forget_parameters(trainer: pl.Trainer, dead: Iterable[nn.Parameter]) -> None
     their LR scheduler entries) and the strategy's wrappers (:func:`sync_strategy_with_model`)."""
     dead = list(dead)
     for optimizer in trainer.optimizers:
-        schedulers = [c.scheduler for c in trainer.lr_scheduler_configs if c.scheduler.optimizer is optimizer]
-        drop_optimizer_params(optimizer, dead, schedulers=schedulers)
+        drop_optimizer_params(optimizer, dead, schedulers=schedulers_of(trainer, optimizer))
     sync_strategy_with_model(trainer)
+
+
+def schedulers_of(trainer: pl.Trainer, optimizer: Any) -> list[Any]:
+    """The Trainer's LR schedulers that step ``optimizer``."""
+    return [c.scheduler for c in trainer.lr_scheduler_configs if c.scheduler.optimizer is optimizer]
 
 
 def rebuild_ddp(trainer: pl.Trainer) -> None:
@@ -149,9 +154,10 @@ def refresh_fsdp2_root(module: nn.Module) -> int:
     """Make FSDP2 collect its states anew at the next forward, after blocks left (or returned to) ``module``.
 
     ``fully_shard``'s root collects the state of every sharded submodule once, at its first forward, and drives
-    them all in each backward: a removed block would stay alive in that list (its shards never freed) and be
-    post-processed every step. Resetting the lazy initialisation makes the next forward run it again over the blocks
-    that exist, exactly as at the first step; the survivors' sharded parameters, and so the optimizer state keyed by
+    them all in each backward: a removed block's state would stay in that list, referenced and post-processed every
+    step (its shards themselves are freed by :func:`~lp_callbacks.surgery.drop_layers`, which moves removed blocks
+    to the meta device). Resetting the lazy initialisation makes the next forward run it again over the blocks that
+    exist, exactly as at the first step; the survivors' sharded parameters, and so the optimizer state keyed by
     them, are untouched. FSDP2 offers no public call for this (``reset_iter_state`` resets one iteration only), so
     this is the one place that touches its internals, checked at setup by :func:`check_strategy_supported`.
 

@@ -32,7 +32,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-__all__ = ["DEPTH_EVENT_KINDS", "DepthEvent", "collect_depth_events", "notify_before_prune"]
+__all__ = ["DEPTH_EVENT_KINDS", "DepthEvent", "collect_depth_events", "notify_after_prune", "notify_before_prune"]
 
 #: The kinds of :class:`DepthEvent`.
 DEPTH_EVENT_KINDS: tuple[str, ...] = ("prune", "freeze", "unfreeze")
@@ -129,3 +129,12 @@ def notify_before_prune(trainer: Any, pl_module: Any, current_indices: list[int]
         hook = getattr(callback, "on_before_prune", None)
         if callable(hook):
             hook(trainer, pl_module, list(current_indices))
+
+
+def notify_after_prune(trainer: Any, pl_module: Any, original_layers: list[int]) -> None:
+    """Tell every callback with an ``on_after_prune(trainer, pl_module, original_layers)`` method that these blocks
+    (original numbering) left the model, the optimizers and the strategy's wrappers (a freezer follows them)."""
+    for callback in trainer.callbacks:
+        hook = getattr(callback, "on_after_prune", None)
+        if callable(hook):
+            hook(trainer, pl_module, list(original_layers))

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 import operator
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -395,6 +395,38 @@ def drop_emptied_param_groups(
         _drop_scheduler_entries(scheduler, emptied, num_groups)
     for g in reversed(emptied):
         del optimizer.param_groups[g]
+
+
+def follow_param_groups(
+    optimizer: torch.optim.Optimizer,
+    layout: Sequence[Sequence[torch.Tensor]],
+    groups: Sequence[Mapping[str, Any]],
+    alive: set[int],
+    schedulers: Iterable[Any] = (),
+) -> list[list[torch.Tensor]]:
+    """A configured group layout (see :func:`drop_optimizer_params`) after parameters left the model.
+
+    ``layout[g]`` lists the parameters group ``groups[g]`` (the group dicts, by identity) was configured with,
+    frozen ones included. Parameters whose ``id`` is not in ``alive`` go; a group whose parameters all went is gone
+    from ``optimizer`` too (deleted with its scheduler entries, like :func:`drop_emptied_param_groups`), also when it
+    held only frozen parameters, so that the groups match what ``configure_optimizers`` builds on the pruned model.
+
+    Returns:
+        The layout of the groups ``optimizer`` holds now, in their order.
+    """
+    position = {id(group): g for g, group in enumerate(optimizer.param_groups)}
+    kept_layout, emptied = [], []
+    for params, group in zip(layout, groups, strict=False):
+        kept = [p for p in params if id(p) in alive]
+        if id(group) not in position:  # deleted with the removal
+            continue
+        if params and not kept:
+            emptied.append(position[id(group)])
+            continue
+        kept_layout.append(kept)
+    if emptied:
+        drop_emptied_param_groups(optimizer, emptied, schedulers)
+    return kept_layout
 
 
 def drop_optimizer_params(

@@ -1,10 +1,11 @@
 """Two-process DDP run of LayerFreezeCallback on CPU (gloo); launched by tests/test_layer_freeze.py.
 
-To run: python tests/ddp_freeze_script.py OUT_DIR   (writes OUT_DIR/rank0.pt and OUT_DIR/rank1.pt)
+To run: python tests/ddp_freeze_script.py OUT_DIR [prune]   (writes OUT_DIR/rank0.pt and OUT_DIR/rank1.pt)
 
 Each rank trains on its own shard, freezes at step 2 from BI measured on the warm-up steps, trains on to step 5,
 and saves what it holds: the frozen set, every weight, the frozen weights as they were at the freeze, and the
-parameters its optimizer still holds.
+parameters its optimizer still holds. With ``prune``, a LayerPruneCallback also removes the last two blocks
+(original 4 and 5) after step 3, whatever they are (frozen or not).
 """
 
 from __future__ import annotations
@@ -42,12 +43,17 @@ class SnapshotAtFreeze(Callback):
             self.frozen = {n: p.detach().clone() for n, p in pl_module.named_parameters() if not p.requires_grad}
 
 
-def main(out_dir: str) -> None:
+def main(out_dir: str, prune: bool = False) -> None:
     torch.set_num_threads(1)
     module = TinyLM(optimizer="adamw", seed=0)
     freeze = LayerFreezeCallback(fraction_frozen=0.5, warmup_steps=FREEZE_STEP)
     snapshot = SnapshotAtFreeze()
-    trainer = fast_trainer(out_dir, callbacks=[BlockInfluenceMonitor(), freeze, snapshot], max_steps=5,
+    callbacks = [BlockInfluenceMonitor(), freeze, snapshot]
+    if prune:
+        from lp_callbacks import LayerPruneCallback
+
+        callbacks.append(LayerPruneCallback(num_layers=2, at_steps=[3], criterion="last", protect_last=0))
+    trainer = fast_trainer(out_dir, callbacks=callbacks, max_steps=5,
                            strategy="ddp", devices=2, accelerator="cpu")
     trainer.fit(module, loader(length=40, batch_size=4))
     optimizer = trainer.optimizers[0]
@@ -63,12 +69,13 @@ def main(out_dir: str) -> None:
             "optimizer_state_params": sorted(names[id(p)] for p in optimizer.state),
             "wrapper_rebuilt": snapshot.wrappers[0] is not snapshot.wrappers[-1],  # a new DistributedDataParallel after the freeze
             "global_step": trainer.global_step,
+            "num_layers": len(module.model.model.layers),
         },
         os.path.join(out_dir, f"rank{trainer.global_rank}.pt"),
     )
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], prune=sys.argv[2:] == ["prune"])
     if torch.distributed.is_initialized():  # a clean exit: gloo threads abort the process otherwise
         torch.distributed.destroy_process_group()

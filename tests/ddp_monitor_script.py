@@ -21,7 +21,7 @@ if __name__ == "__main__":
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=2, logger=False, callbacks=[monitor],
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          default_root_dir=out)
-    # shuffle=False: Lightning's DistributedSampler gives rank r the samples r, r+2, ... (16 samples in all)
+    # 2 steps x 2 ranks x 4: the 16 samples once each, in whatever order Lightning's DistributedSampler deals them
     trainer.fit(TinyLM(lr=0.0), loader(length=16, batch_size=4))
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps({
         "bi": monitor.block_influence.tolist(),

@@ -2,15 +2,17 @@
 
     python tests/fsdp2_script.py SETTINGS_JSON OUT_DIR
 
-SETTINGS: strategy ("fsdp2" | "ddp"), callbacks ("monitor" | "prune" | "freeze"), max_steps, late_model (build the
+SETTINGS: strategy ("fsdp2" | "ddp"), callbacks ("monitor" | "prune" | "freeze" | "freeze_prune"), max_steps, late_model (build the
 model in configure_model), ckpt_path (resume), save_every (checkpoint every n steps), distributed_checkpoint,
 mixed (bf16 parameters through FSDP2's MixedPrecisionPolicy), export_dir. Rank 0 writes OUT/result.pt: the full
 state dict after the fit, what the callbacks hold, and the optimizer's state size.
 """
 
+import gc
 import json
 import os
 import sys
+import weakref
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -56,6 +58,18 @@ def full_state(module: pl.LightningModule) -> dict:
     return get_model_state_dict(module.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+class ShardWatch(pl.Callback):
+    """Weak references to each block's local shards at the start: which of them are still alive at the end."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.refs = {i: [weakref.ref(getattr(p, "_local_tensor", p)) for p in block.parameters()]
+                     for i, block in enumerate(pl_module.model.model.layers)}
+
+    def alive(self) -> dict[int, bool]:
+        gc.collect()
+        return {i: any(r() is not None for r in refs) for i, refs in self.refs.items()}
+
+
 def main(settings: dict, out: Path) -> None:
     if settings["strategy"] == "fsdp2":
         strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1,
@@ -68,8 +82,11 @@ def main(settings: dict, out: Path) -> None:
     if kind == "prune":
         callbacks.append(LayerPruneCallback(num_layers=2, at_steps=[2], export_dir=settings.get("export_dir")))
         callbacks.append(DepthEfficiencyMonitor())
-    if kind == "freeze":
+        callbacks.append(ShardWatch())
+    if kind in ("freeze", "freeze_prune"):  # blocks 0, 2, 4 frozen
         callbacks.append(LayerFreezeCallback(num_frozen=3, scores=[0.9, 0.1, 0.8, 0.2, 0.7, 0.3]))
+    if kind == "freeze_prune":  # original blocks 4 (frozen) and 5 (trainable) removed after step 2
+        callbacks.append(LayerPruneCallback(num_layers=2, at_steps=[2], criterion="last", protect_last=0))
     if settings.get("save_every"):
         callbacks.append(ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=settings["save_every"],
                                          save_top_k=-1, save_last=False))
@@ -107,8 +124,12 @@ def main(settings: dict, out: Path) -> None:
         if isinstance(cb, LayerFreezeCallback):
             result["frozen"] = cb.frozen_blocks
             result["frozen_names"] = sorted(n for n, p in module.model.named_parameters() if not p.requires_grad)
+        if isinstance(cb, ShardWatch) and not settings.get("ckpt_path"):
+            result["shards_alive"] = cb.alive()
         if isinstance(cb, DepthEfficiencyMonitor):
             result["depth_baseline"], result["depth_last"] = cb.baseline, cb.last_metrics
+    if module.device_mesh is not None:  # what FSDP2's root drives each step (its lazily collected states)
+        result["fsdp_states"] = len(module.model._get_fsdp_state()._state_ctx.all_states)
     if trainer.is_global_zero:
         torch.save(result, out / "result.pt")
     if torch.distributed.is_initialized():  # a clean exit: gloo threads abort the process otherwise

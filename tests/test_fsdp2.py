@@ -74,6 +74,9 @@ def test_pruned_fsdp2_run_equals_the_same_run_under_ddp(pruned_fsdp2, tmp_path):
     ddp = run(tmp_path, strategy="ddp", callbacks="prune", max_steps=6)
     assert fsdp2["removed"] == ddp["removed"] and len(fsdp2["removed"][0]) == 2
     assert fsdp2["num_layers"] == LAYERS - 2 and fsdp2["global_step"] == 6
+    # the removed blocks' shards are freed, the survivors' are the same tensors; FSDP2's root drives the survivors only
+    assert fsdp2["shards_alive"] == {i: i in fsdp2["kept"] for i in range(LAYERS)}
+    assert fsdp2["fsdp_states"] == 1 + LAYERS - 2
     assert max_diff(fsdp2["state"], ddp["state"]) < 1e-5
     # the optimizer holds the survivors only: Adam's two moments per element of the pruned model
     assert fsdp2["optimizer_state_numel"] == ddp["optimizer_state_numel"] == 2 * fsdp2["trainable_numel"]
@@ -132,6 +135,22 @@ def test_freezing_under_fsdp2_holds_and_resumes(tmp_path):
                   ckpt_path=str(tmp_path / "first" / "ckpt" / "epoch=0-step=4.ckpt"))
     assert resumed["frozen"] == first["frozen"]
     assert max_diff(resumed["state"], final) == 0.0
+
+
+def test_freeze_and_prune_together_under_fsdp2_equal_ddp_and_resume(tmp_path):
+    """A frozen and a trainable block removed after step 2; resume from step 4: frozen set kept in original numbering,
+    the run equals DDP's, the resumed run equals the uninterrupted one."""
+    first = run(tmp_path / "first", callbacks="freeze_prune", max_steps=6, save_every=4)
+    ddp = run(tmp_path / "ddp", strategy="ddp", callbacks="freeze_prune", max_steps=6)
+    assert first["frozen"] == ddp["frozen"] == [0, 2] and first["kept"] == [0, 1, 2, 3]
+    assert max_diff(first["state"], ddp["state"]) < 1e-5
+    frozen = {k for k in first["state"] if k in first["frozen_names"]}
+    assert all(torch.equal(first["state"][k], first["initial"][k]) for k in frozen)
+    assert first["optimizer_state_numel"] == ddp["optimizer_state_numel"] == 2 * first["trainable_numel"]
+    resumed = run(tmp_path / "resumed", callbacks="freeze_prune", max_steps=6,
+                  ckpt_path=str(tmp_path / "first" / "ckpt" / "epoch=0-step=4.ckpt"))
+    assert resumed["frozen"] == [0, 2] and resumed["kept"] == [0, 1, 2, 3]
+    assert max_diff(resumed["state"], first["state"]) == 0.0
 
 
 @pytest.mark.parametrize(

@@ -270,11 +270,12 @@ def test_highest_scores_choose_unmeasured_blocks_first_with_a_warning():
 
 
 # ============================================================================================ DDP
-def test_ddp_two_processes_freeze_the_same_blocks(tmp_path):
+@pytest.mark.parametrize("prune", [False, True], ids=["freeze", "freeze-and-prune"])
+def test_ddp_two_processes_freeze_the_same_blocks(tmp_path, prune):
     script = os.path.join(os.path.dirname(__file__), "ddp_freeze_script.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run([sys.executable, script, str(tmp_path)], capture_output=True, text=True, timeout=300,
-                            env=env, cwd=os.path.dirname(os.path.dirname(script)))
+    result = subprocess.run([sys.executable, script, str(tmp_path), *(["prune"] if prune else [])], capture_output=True,
+                            text=True, timeout=300, env=env, cwd=os.path.dirname(os.path.dirname(script)))
     assert result.returncode == 0, result.stderr[-4000:]
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert rank0["global_step"] == rank1["global_step"] == 5
@@ -283,8 +284,12 @@ def test_ddp_two_processes_freeze_the_same_blocks(tmp_path):
     assert rank0["wrapper_rebuilt"] and rank1["wrapper_rebuilt"]
     for name, value in rank0["weights"].items():
         assert torch.equal(value, rank1["weights"][name]), name  # the ranks never diverged
+    assert rank0["num_layers"] == (LAYERS - 2 if prune else LAYERS)
     frozen = rank0["at_freeze"]
     assert len(frozen) == 3 * len([n for n in rank0["weights"] if n.startswith("model.model.layers.0.")]) + 3
+    if prune:  # blocks 4 and 5 left after step 3: the frozen ones among them went with them
+        assert set(rank0["frozen_blocks"]) <= {0, 1, 2, 3} and len(rank0["frozen_blocks"]) >= 1
+        frozen = {n: v for n, v in frozen.items() if n in rank0["weights"] and not _block_names([4, 5])(n)}
     for name, value in frozen.items():
         assert torch.equal(rank0["weights"][name], value), name  # frozen under DDP too
     trainable = sorted(set(rank0["weights"]) - set(frozen))
@@ -371,13 +376,97 @@ def test_bad_input_fails_before_the_first_step(tmp_path, kwargs, module_cls, mat
     assert all(torch.equal(p, before[n]) for n, p in module.named_parameters())
 
 
-@pytest.mark.parametrize("reevaluate", [None, 2], ids=["fixed-set", "reevaluation"])
-def test_freeze_and_prune_in_one_trainer_refused_at_setup(tmp_path, reevaluate):  # RELIABILITY 30 (until supported)
+# ============================================================================================ freeze and prune together
+def _prune_last_two(at_step=3):
+    """Removes original blocks 4 (frozen by SCORES) and 5 (trainable) after optimizer step ``at_step``."""
     from lp_callbacks import LayerPruneCallback
 
+    return LayerPruneCallback(num_layers=2, at_steps=[at_step], criterion="last", protect_last=0)
+
+
+def _assert_optimizer_holds_the_trainable_only(trainer, module):
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert _optimizer_names(trainer, module) == trainable
+    assert _optimizer_names(trainer, module, state=True) == trainable
+    live = {id(p) for p in module.parameters()}
+    assert all(id(p) in live for g in trainer.optimizers[0].param_groups for p in g["params"])
+
+
+def test_freeze_and_prune_in_one_run_keep_the_frozen_set_in_original_numbering(tmp_path):  # RELIABILITY 30
+    from lp_callbacks import DepthEfficiencyMonitor
+
+    module = TinyLM(optimizer="adamw")
+    start = _weights(module)
+    freeze, prune, depth = LayerFreezeCallback(num_frozen=3, scores=SCORES), _prune_last_two(), DepthEfficiencyMonitor()
+    trainer = fast_trainer(tmp_path, callbacks=[freeze, prune, depth], max_steps=6)
+    trainer.fit(module, loader())
+    assert prune.original_indices == [0, 1, 2, 3]
+    assert freeze.frozen_blocks == [0, 2] and freeze.trainable_blocks == [1, 3]  # original numbering
+    assert freeze.record["frozen_blocks"] == [0, 2] and freeze.record["original_indices"] == [0, 1, 2, 3]
+    end = _weights(module)
+    frozen = [n for n in end if n in FIXED or _block_names([0, 2])(n)]  # original 0, 2 sit at positions 0, 2
+    assert frozen and all(torch.equal(end[n], start[n]) for n in frozen)
+    assert all(not torch.equal(end[n], start[n]) for n in end if _block_names([1, 3])(n))
+    _assert_optimizer_holds_the_trainable_only(trainer, module)
+    kinds = [(e.kind, e.original_layers) for _, e in collect_depth_events(trainer.callbacks)]
+    assert ("freeze", [0, 2, 4]) in kinds and ("prune", [4, 5]) in kinds
+    assert {e["kind"] for e in depth.events} == {"freeze", "prune"}
+
+
+def test_reevaluation_after_a_removal_picks_among_the_blocks_that_exist(tmp_path):
     module = TinyLM()
-    before = {k: v.clone() for k, v in module.state_dict().items()}
-    freeze = LayerFreezeCallback(num_frozen=2, warmup_steps=1, reevaluate_every_n_steps=reevaluate)
-    with pytest.raises(ValueError, match="LayerFreezeCallback and LayerPruneCallback in one Trainer are not supported"):
-        fast_trainer(tmp_path, callbacks=[LayerPruneCallback(num_layers=1, at_steps=[3]), freeze], max_steps=4).fit(module, loader())
-    assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
+    freeze = LayerFreezeCallback(fraction_frozen=0.5, warmup_steps=2, reevaluate_every_n_steps=2)
+    trainer = fast_trainer(tmp_path, callbacks=[BlockInfluenceMonitor(), freeze, _prune_last_two()], max_steps=7)
+    trainer.fit(module, loader())  # step 7 trains what step 6 unfroze: its optimizer state exists
+    assert [h["step"] for h in freeze.history] == [2, 4, 6]
+    first, after = freeze.history[0], freeze.history[1:]
+    assert len(first["frozen_blocks"]) == 3 and len(first["scores"]) == LAYERS
+    for record in after:  # half of the 4 blocks left, chosen from BI of those 4
+        assert len(record["scores"]) == 4 and len(record["frozen_blocks"]) == 2
+        assert set(record["frozen_blocks"]) <= {0, 1, 2, 3} and record["original_indices"] == [0, 1, 2, 3]
+    _assert_optimizer_holds_the_trainable_only(trainer, module)
+    assert all(not p.requires_grad for i in freeze.frozen_blocks for p in module.model.model.layers[i].parameters())
+
+
+def test_layer_wise_groups_of_removed_frozen_blocks_leave_the_optimizer(tmp_path):
+    """One param group per block: the group of a removed frozen block (empty in the optimizer) goes too."""
+
+    class PerBlockGroups(TinyLM):
+        def configure_optimizers(self):
+            blocks = [{"params": list(b.parameters()), "lr": 1e-2 * (i + 1)} for i, b in enumerate(self.model.model.layers)]
+            rest = [p for n, p in self.named_parameters() if ".layers." not in n]
+            optimizer = torch.optim.Adam([*blocks, {"params": rest}])
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    module = PerBlockGroups()
+    trainer = fast_trainer(tmp_path, callbacks=[LayerFreezeCallback(num_frozen=3, scores=SCORES), _prune_last_two()],
+                           max_steps=5)
+    trainer.fit(module, loader())
+    optimizer = trainer.optimizers[0]
+    assert len(optimizer.param_groups) == 4 + 1  # blocks 0-3 and the rest; 4 (frozen) and 5 (trainable) gone
+    assert [g["initial_lr"] for g in optimizer.param_groups[:4]] == pytest.approx([1e-2, 2e-2, 3e-2, 4e-2])
+    assert len(trainer.lr_scheduler_configs[0].scheduler.base_lrs) == 5
+    _assert_optimizer_holds_the_trainable_only(trainer, module)
+
+
+def test_freeze_and_prune_resume_after_the_removal(tmp_path):
+    make = lambda: [LayerFreezeCallback(num_frozen=3, scores=SCORES), _prune_last_two()]  # noqa: E731
+    (ref, ref_module, ref_cbs), (resumed, module, cbs) = _resume_pair(tmp_path, make, "adamw", steps=7, stop=4)
+    assert cbs[0].frozen_blocks == ref_cbs[0].frozen_blocks == [0, 2]
+    assert cbs[1].original_indices == [0, 1, 2, 3] and len(cbs[1].removed) == 1
+    assert _optimizer_names(resumed, module) == _optimizer_names(ref, ref_module)
+    torch.testing.assert_close(resumed.optimizers[0].state_dict()["state"], ref.optimizers[0].state_dict()["state"],
+                               rtol=1e-5, atol=1e-7)
+    end = _weights(ref_module)
+    for name, value in _weights(module).items():
+        torch.testing.assert_close(value, end[name], rtol=1e-5, atol=1e-6)
+
+
+def test_a_count_that_would_freeze_every_block_left_after_pruning_is_refused_at_train_start(tmp_path):
+    module = TinyLM()
+    before = _weights(module)
+    freeze = LayerFreezeCallback(num_frozen=4, scores=SCORES)  # fits 6 blocks, not the 4 left after the removal
+    with pytest.raises(ValueError, match="would freeze 4 of the model's 4 decoder blocks"):
+        fast_trainer(tmp_path, callbacks=[freeze, _prune_last_two()], max_steps=4).fit(module, loader())
+    assert all(torch.equal(p, before[n]) for n, p in module.named_parameters())

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 from lp_callbacks.architectures import DecoderStack, decoder_stack
 from lp_callbacks.callbacks.block_influence import BlockInfluenceMonitor, find_monitor, find_or_add_monitor
 from lp_callbacks.checkpoint import before_weights_load
-from lp_callbacks.distributed import check_strategy_supported, sync_strategy_with_model
+from lp_callbacks.distributed import check_strategy_supported, schedulers_of, sync_strategy_with_model
 from lp_callbacks.events import DepthEvent
 from lp_callbacks.freezing import (
     check_scores,
@@ -41,23 +42,21 @@ from lp_callbacks.freezing import (
 )
 from lp_callbacks.measure import measure_depth
 from lp_callbacks.stepping import OptimizerStepTracker
-from lp_callbacks.surgery import drop_optimizer_params, original_indices
+from lp_callbacks.surgery import drop_optimizer_params, follow_param_groups, original_indices, removed_original_indices
 from lp_callbacks.validation import check_amount, check_bool, check_int
 
 __all__ = ["LayerFreezeCallback"]
 
 
-def _refuse_pruning(trainer: pl.Trainer) -> None:
-    """Freezing keeps block positions in the numbering of its decision; a removal would shift them under it."""
+def planned_depth(trainer: pl.Trainer) -> int | None:
+    """The depth the Trainer's LayerPruneCallbacks will leave at the end of their plans; ``None`` without one."""
     from lp_callbacks.callbacks.layer_prune import LayerPruneCallback
 
-    if any(isinstance(c, LayerPruneCallback) for c in trainer.callbacks):  # type: ignore[attr-defined]
-        raise ValueError(
-            "LayerFreezeCallback and LayerPruneCallback in one Trainer are not supported yet: after a removal the"
-            " frozen set (and re-evaluation) would point at other blocks, removed parameters could return to the"
-            " optimizer, and the checkpoint would not resume. Freeze in one fit and prune in another, or use one of"
-            " the two callbacks."
-        )
+    pruners = [c for c in trainer.callbacks if isinstance(c, LayerPruneCallback)]  # type: ignore[attr-defined]
+    if not pruners or any(p.original_indices is None for p in pruners):
+        return None
+    pending = sum(n for p in pruners for event, n in p.plan.items() if event not in p.done_events)
+    return len(pruners[0].original_indices or []) - pending
 
 
 class LayerFreezeCallback(Callback):
@@ -80,6 +79,10 @@ class LayerFreezeCallback(Callback):
     are. Under DDP all ranks freeze the set chosen on rank 0 and the DDP wrapper is rebuilt. With gradient
     checkpointing and frozen embeddings, HF's ``enable_input_require_grads`` is turned on. The model stays frozen
     after ``fit``.
+
+    *With pruning*: together with a :class:`~lp_callbacks.LayerPruneCallback` the frozen set is kept in original
+    block numbering; a removed block (frozen or not) leaves the set, the optimizer layout and the records, and
+    re-evaluation picks among the blocks that exist (``fraction_*`` counts follow the current depth).
 
     *Record*: :attr:`record` (the current choice: blocks, scores, parameter counts, optimizer-state bytes) and
     :attr:`history` (every choice) are logged as ``{prefix}/...`` and saved in checkpoints; resuming re-applies the
@@ -166,7 +169,7 @@ class LayerFreezeCallback(Callback):
         self.prefix = prefix
 
         # what is saved in checkpoints
-        self.frozen_blocks: list[int] | None = None  # None until the first choice
+        self.frozen_blocks: list[int] | None = None  # original numbering; None until the first choice
         self.record: dict[str, Any] = {}
         self.history: list[dict[str, Any]] = []
         self.depth_events: list[DepthEvent] = []  # read by DepthEfficiencyMonitor
@@ -174,7 +177,7 @@ class LayerFreezeCallback(Callback):
         # bound to one fit (on_fit_start)
         self._monitor: BlockInfluenceMonitor | None = None
         self._stack: DecoderStack | None = None
-        self._count = 0  # blocks to freeze, from the amount and the model's depth
+        self._groups: list[list[dict[str, Any]]] = []  # each optimizer's param groups at bind, by identity
         self._block_params: list[list[nn.Parameter]] = []
         self._fixed_frozen: dict[int, nn.Parameter] = {}  # protected modules and also_freeze
         self._fixed_names: list[str] = []
@@ -192,18 +195,19 @@ class LayerFreezeCallback(Callback):
 
     @property
     def trainable_blocks(self) -> list[int] | None:
-        """Blocks (current numbering) that train, or ``None`` before the first choice."""
+        """Blocks that train (original numbering, like :attr:`frozen_blocks`), or ``None`` before the first choice."""
         if self.frozen_blocks is None or self._stack is None:
             return self.record.get("trainable_blocks")
-        return [i for i in range(len(self._stack.layers)) if i not in set(self.frozen_blocks)]
+        return [o for o in original_indices(self._stack) if o not in set(self.frozen_blocks)]
 
     # ================================================================ Lightning hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         check_strategy_supported(trainer, "LayerFreezeCallback")
-        self._load_hook = before_weights_load(trainer, pl_module, lambda _, checkpoint: self._before_checkpoint_load(trainer, checkpoint))
-        _refuse_pruning(trainer)
+        self._load_hook = before_weights_load(
+            trainer, pl_module, lambda _, checkpoint: self._before_checkpoint_load(trainer, checkpoint), late=True
+        )
         check_warmup(self.warmup_steps, trainer.max_steps)
         needs_monitor = bool(self.warmup_steps or self.reevaluate_every_n_steps)
         self._monitor = find_or_add_monitor(trainer, "LayerFreezeCallback", self.layers_path) if needs_monitor else find_monitor(trainer)
@@ -211,9 +215,9 @@ class LayerFreezeCallback(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._bind(trainer, pl_module)
         if self.frozen_blocks is not None:  # resume (or a second fit): the same set, before optimizer state loads
-            self._apply(trainer, pl_module, self.frozen_blocks)
+            self._apply(trainer, pl_module, self._positions(self.frozen_blocks))
         elif self.source == "scores":
-            self._decide(trainer, pl_module, self.scores, "scores")
+            self._decide(trainer, pl_module, torch.as_tensor(self.scores)[original_indices(self._stack)], "scores")
         elif self.source == "calibration_dataloader":
             self._decide(trainer, pl_module, self._calibrate(), "calibration")
         else:  # warm-up: only the protected modules now, the blocks later
@@ -271,24 +275,66 @@ class LayerFreezeCallback(Callback):
         if state is None or not trainer.strategy.restore_checkpoint_after_setup:
             return
         self.load_state_dict(state)  # Lightning loads the same again later
+        self._follow_removals(trainer, trainer.lightning_module)  # a pruner rebuilt the pruned model just before
         if self.frozen_blocks is not None:
-            self._apply(trainer, trainer.lightning_module, self.frozen_blocks)
+            self._apply(trainer, trainer.lightning_module, self._positions(self.frozen_blocks))
+
+    # ================================================================ blocks removed by a LayerPruneCallback
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        final_depth = planned_depth(trainer)
+        if final_depth is not None:  # the count must still leave a trainable block at the pruned depth
+            count_frozen(self.mode, self.amount, final_depth)
+
+    def on_after_prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, original_layers: list[int]) -> None:
+        """Blocks left the model: the frozen set keeps the survivors (original numbering), the layouts lose the
+        removed parameters, and later decisions pick among the blocks that exist."""
+        self._follow_removals(trainer, pl_module)
+        if self.frozen_blocks is not None:
+            self._apply(trainer, pl_module, self._positions(self.frozen_blocks))
+            self.record.update(frozen_blocks=list(self.frozen_blocks), trainable_blocks=self.trainable_blocks,
+                               original_indices=original_indices(self._stack))  # type: ignore[arg-type]
+
+    def _follow_removals(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Re-read the blocks after a removal; forget what left, in the layouts and param groups too."""
+        if self._stack is None:
+            return
+        alive = {id(p) for p in pl_module.parameters()}
+        present = set(original_indices(self._stack))
+        if self.frozen_blocks is not None:
+            self.frozen_blocks = [o for o in self.frozen_blocks if o in present]
+        self._block_params = [list(layer.parameters()) for layer in self._stack.layers]
+        self._managed = {k: p for k, p in self._managed.items() if k in alive}
+        self._frozen_by_me = {k: p for k, p in self._frozen_by_me.items() if k in alive}
+        self._fixed_frozen = {k: p for k, p in self._fixed_frozen.items() if k in alive}
+        self._layouts = [
+            follow_param_groups(optimizer, layout, groups, alive, schedulers_of(trainer, optimizer))
+            for optimizer, layout, groups in zip(trainer.optimizers, self._layouts, self._groups, strict=False)
+        ]
+        self._groups = [list(optimizer.param_groups) for optimizer in trainer.optimizers]
+
+    def _positions(self, originals: Sequence[int]) -> list[int]:
+        """Current positions of the blocks with these original indices."""
+        assert self._stack is not None
+        wanted = set(originals)
+        return [i for i, o in enumerate(original_indices(self._stack)) if o in wanted]
 
     # ================================================================ internals: binding
     def _bind(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Find blocks, protected modules and optimizer layout; validate everything that needs the model."""
         stack = decoder_stack(pl_module, self.layers_path)
         num_layers = len(stack.layers)
-        self._count = count_frozen(self.mode, self.amount, num_layers)
-        if self.scores is not None and len(self.scores) != num_layers:
+        count_frozen(self.mode, self.amount, num_layers)  # a count that freezes every block is refused now
+        present = original_indices(stack)
+        original_depth = num_layers + len(removed_original_indices(stack))  # scores are per original block
+        if self.scores is not None and len(self.scores) != original_depth:
             raise ValueError(
-                f"`scores` must hold one value per decoder block: the model has {num_layers} blocks, got"
+                f"`scores` must hold one value per decoder block: the model has {original_depth} blocks, got"
                 f" {len(self.scores)} scores."
             )
-        if self.frozen_blocks is not None and any(not 0 <= i < num_layers for i in self.frozen_blocks):
+        if self.frozen_blocks is not None and not set(self.frozen_blocks) <= set(present):
             raise RuntimeError(
-                f"LayerFreezeCallback: the checkpoint freezes blocks {self.frozen_blocks} but the model has"
-                f" {num_layers} decoder blocks. Resume with the model the checkpoint was trained with."
+                f"LayerFreezeCallback: the checkpoint freezes (original) blocks {self.frozen_blocks} but the model"
+                f" holds blocks {present}. Resume with the model the checkpoint was trained with."
             )
         protected = resolve_protected(stack, self.protect)
         extra = resolve_names(stack.root, pl_module, self.also_freeze)
@@ -303,6 +349,7 @@ class LayerFreezeCallback(Callback):
         candidates = fixed + [p for params in self._block_params for p in params]
         self._managed = {id(p): p for p in candidates if p.requires_grad or id(p) in self._frozen_by_me}
         self._layouts = [[list(group["params"]) for group in opt.param_groups] for opt in trainer.optimizers]
+        self._groups = [list(opt.param_groups) for opt in trainer.optimizers]  # the group objects, to follow them
 
     # ================================================================ internals: deciding
     def _calibrate(self) -> Tensor:
@@ -335,12 +382,14 @@ class LayerFreezeCallback(Callback):
         num_layers = len(self._stack.layers)
         if len(scores) != num_layers:
             raise RuntimeError(f"LayerFreezeCallback: got {len(scores)} block scores for {num_layers} decoder blocks.")
-        chosen = select_frozen(scores, self._count)
+        original = original_indices(self._stack)
+        chosen = [original[i] for i in select_frozen(scores, count_frozen(self.mode, self.amount, num_layers))]
         before = set(self.frozen_blocks or [])
         self.frozen_blocks = trainer.strategy.broadcast(chosen, src=0)  # every rank freezes rank 0's choice
-        self._apply(trainer, pl_module, self.frozen_blocks)
-        self._add_events(trainer, scores, source, sorted(before - set(self.frozen_blocks)), "unfreeze")
-        self._add_events(trainer, scores, source, sorted(set(self.frozen_blocks) - before), "freeze")
+        self._apply(trainer, pl_module, self._positions(self.frozen_blocks))
+        by_original = {o: float(scores[i]) for i, o in enumerate(original)}
+        self._add_events(trainer, by_original, source, sorted(before & set(original) - set(self.frozen_blocks)), "unfreeze")
+        self._add_events(trainer, by_original, source, sorted(set(self.frozen_blocks) - before), "freeze")
         self._last_decision_step = trainer.global_step
         self.record = self._describe(trainer, pl_module, scores, source)
         self.history.append(dict(self.record))
@@ -350,15 +399,13 @@ class LayerFreezeCallback(Callback):
             f" trainable params {self.record['trainable_params']:,}."
         )
 
-    def _add_events(self, trainer: pl.Trainer, scores: Tensor, source: str, blocks: list[int], kind: str) -> None:
-        """One :class:`DepthEvent` for the blocks (current numbering) that this decision froze or unfroze."""
+    def _add_events(self, trainer: pl.Trainer, scores: Mapping[int, float], source: str, blocks: list[int], kind: str) -> None:
+        """One :class:`DepthEvent` for the blocks (original numbering) that this decision froze or unfroze."""
         if not blocks:
             return
-        assert self._stack is not None
-        original = original_indices(self._stack)
         self.depth_events.append(DepthEvent(
-            step=trainer.global_step, kind=kind, original_layers=[original[i] for i in blocks],  # type: ignore[arg-type]
-            scores=[float(scores[i]) for i in blocks], detail=f"{source}: {kind} {len(blocks)} of {len(original)} blocks",
+            step=trainer.global_step, kind=kind, original_layers=blocks, scores=[scores[o] for o in blocks],
+            detail=f"{source}: {kind} {len(blocks)} of {len(scores)} blocks",
         ))
 
     # ================================================================ internals: applying

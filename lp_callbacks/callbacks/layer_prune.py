@@ -24,7 +24,7 @@ from lp_callbacks.checkpoint import (
     restore_pruned_architecture,
 )
 from lp_callbacks.distributed import check_strategy_supported, forget_parameters, gather_full_model, is_fsdp2
-from lp_callbacks.events import DepthEvent, notify_before_prune
+from lp_callbacks.events import DepthEvent, notify_after_prune, notify_before_prune
 from lp_callbacks.export import check_export_dir, save_export
 from lp_callbacks.schedules import GradualSchedule, PruneSchedule, plan_removals
 from lp_callbacks.selection import CRITERIA, AblationSettings, choose_layers, protected_indices
@@ -302,6 +302,7 @@ class LayerPruneCallback(Callback):
         scores = trainer.strategy.broadcast(scores, src=0)
         notify_before_prune(trainer, pl_module, chosen)
         original = self._remove(trainer, chosen)
+        notify_after_prune(trainer, pl_module, original)
         self._record(trainer, event, chosen, original, scores, time.perf_counter() - started)
         if self.export_when in ("event", "both") and self.export_dir is not None:
             self.export(trainer, pl_module, self._event_export_dir(trainer.global_step))

@@ -1,0 +1,289 @@
+"""Does freezing by Block Influence forget less? SmolLM2-135M adapted to Shakespeare hard enough to forget.
+
+Every run: the same data order, AdamW at a constant ``--lr``, ``--steps`` optimizer steps of ``--batch-size`` x
+``--seq-len`` tokens from eight plays. Every ``--eval-every`` steps (and at step 0) two perplexities are measured
+under one fixed protocol (disjoint windows of 256 tokens): the in-domain gain on two plays never trained on, and
+forgetting on modern English prose the runs never see (CPython's licence and docstrings). Methods:
+
+* ``full``          every parameter trains (the embeddings and LM head too);
+* ``bi``            ``LayerFreezeCallback``: the half of the blocks with the highest BI (measured at fit start on
+                    calibration batches) frozen, with the embeddings/LM head and final norm;
+* ``random``        the same count of blocks chosen at random (``--seeds``);
+* ``position``      the first half of the blocks frozen (the classic "freeze the bottom");
+* ``lora``          LoRA (r=8, alpha=16) on every projection of every block, nothing else trains;
+* ``lisa``          LISA-style layer-wise sampling: ``--lisa-blocks`` blocks trainable at a time, resampled every
+                    ``--lisa-every`` steps, uniformly (``--seeds``); embeddings/head/norm frozen as for ``bi``;
+* ``lisa_bi``       the same, sampling low-BI blocks more often (probability proportional to 1/BI).
+
+The report: the out-of-domain curve over steps, each method's final in-domain and out-of-domain perplexity, the
+out-of-domain perplexity at the in-domain gain of the weakest method (interpolated on each curve: forgetting at equal
+gain), trainable parameters, optimizer-state bytes and median step time as ratios to full fine-tuning (the runs
+follow each other in one process; the step times are medians of each run). A picture of the trade-off curves is
+written next to the JSON.
+
+To run:
+    python benchmarks/forgetting_benchmark.py                     # all methods, ~40 minutes on 2 CPU cores
+    python benchmarks/forgetting_benchmark.py --methods full --steps 120 --eval-every 20   # the forgetting curve
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _common import Blocks, StepTimer, heal_data, real_model, table  # noqa: E402
+
+from lp_callbacks import measure_depth  # noqa: E402
+from lp_callbacks.callbacks.layer_freeze import LayerFreezeCallback  # noqa: E402
+from lp_callbacks.evaluation import PerplexityProtocol, perplexity  # noqa: E402
+from lp_callbacks.harness.module import CausalLMModule  # noqa: E402
+from lp_callbacks.surgery import drop_optimizer_params  # noqa: E402
+
+METHODS = ("full", "bi", "random", "position", "lora", "lisa", "lisa_bi")
+SEEDED = ("random", "lisa", "lisa_bi")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--eval-every", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--eval-tokens", type=int, default=4096)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--lisa-blocks", type=int, default=4)
+    parser.add_argument("--lisa-every", type=int, default=10)
+    parser.add_argument("--json", type=Path, default=Path("forgetting_benchmark.json"))
+    return parser.parse_args()
+
+
+class Evaluator(pl.Callback):
+    """In-domain and out-of-domain perplexity at step 0 and every ``every`` optimizer steps (and at the end)."""
+
+    def __init__(self, data: dict[str, torch.Tensor], every: int) -> None:
+        self.data, self.every, self.curve = data, every, []
+        self.protocols = {k: PerplexityProtocol(seq_len=256, stride=256, split=k) for k in ("in_domain", "out_of_domain")}
+
+    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.curve and self.curve[-1]["step"] == trainer.global_step:
+            return
+        was_training = pl_module.training
+        pl_module.eval()
+        point = {"step": trainer.global_step}
+        for split, protocol in self.protocols.items():
+            point[split] = perplexity(pl_module.model, self.data[split], protocol, batch_size=4).ppl
+        self.curve.append(point)
+        pl_module.train(was_training)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.measure(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % self.every == 0:
+            self.measure(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.measure(trainer, pl_module)
+
+
+class LayerwiseSampling(pl.Callback):
+    """LISA-style: ``count`` blocks trainable at a time, resampled every ``every`` steps with probabilities
+    ``weights`` (uniform when ``None``); the other blocks, the embeddings/head and the final norm stay frozen and
+    leave the optimizer (``drop_optimizer_params`` with the configured layout: a block sampled again starts with
+    fresh state)."""
+
+    def __init__(self, count: int, every: int, seed: int, weights: list[float] | None = None) -> None:
+        self.count, self.every, self.rng, self.weights = count, every, random.Random(seed), weights
+        self.samples: list[list[int]] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        model = pl_module.model
+        self.blocks = [list(b.parameters()) for b in model.model.layers]
+        in_blocks = {id(p) for ps in self.blocks for p in ps}
+        self.fixed = [p for p in model.parameters() if id(p) not in in_blocks]
+        self.layout = [[list(g["params"]) for g in opt.param_groups] for opt in trainer.optimizers]
+        self._resample(trainer)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % self.every == 0:
+            self._resample(trainer)
+
+    def _resample(self, trainer) -> None:
+        population = range(len(self.blocks))
+        if self.weights is None:
+            chosen = self.rng.sample(population, self.count)
+        else:  # weighted sampling without replacement
+            chosen, weights = [], list(self.weights)
+            for _ in range(self.count):
+                i = self.rng.choices(population, weights=weights)[0]
+                chosen.append(i)
+                weights[i] = 0.0
+        self.samples.append(sorted(chosen))
+        frozen = list(self.fixed) + [p for i in population if i not in chosen for p in self.blocks[i]]
+        for i in population:
+            for p in self.blocks[i]:
+                p.requires_grad_(i in chosen)
+                if i not in chosen:
+                    p.grad = None
+        for p in self.fixed:
+            p.requires_grad_(False)
+        for optimizer, layout in zip(trainer.optimizers, self.layout, strict=True):
+            drop_optimizer_params(optimizer, frozen, layout)
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    return sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))
+
+
+def calibration_bi(data: dict[str, torch.Tensor]) -> list[float]:
+    model, _ = real_model()
+    return measure_depth(model.eval(), DataLoader(Blocks(data["calibration"]), batch_size=4)).block_influence.tolist()
+
+
+def build(method: str, seed: int, bi: list[float], args: argparse.Namespace, num_layers: int, model) -> tuple[Any, list]:
+    """The model to train (LoRA-wrapped or not) and the callbacks of ``method``."""
+    half = num_layers // 2
+    if method == "full":
+        return model, []
+    if method == "bi":
+        return model, [LayerFreezeCallback(num_frozen=half, scores=bi)]
+    if method == "random":
+        order = random.Random(seed).sample(range(num_layers), num_layers)
+        return model, [LayerFreezeCallback(num_frozen=half, scores=[float(num_layers - order.index(i)) for i in range(num_layers)])]
+    if method == "position":
+        return model, [LayerFreezeCallback(num_frozen=half, scores=[float(num_layers - i) for i in range(num_layers)])]
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.0)), []
+    if method == "lisa":
+        return model, [LayerwiseSampling(args.lisa_blocks, args.lisa_every, seed)]
+    if method == "lisa_bi":
+        return model, [LayerwiseSampling(args.lisa_blocks, args.lisa_every, seed, weights=[1.0 / max(b, 1e-6) for b in bi])]
+    raise ValueError(f"`--methods` must be among {METHODS}, got {method!r}")
+
+
+def run(method: str, seed: int, data: dict[str, torch.Tensor], bi: list[float], args) -> dict[str, Any]:
+    pl.seed_everything(0, verbose=False)  # the same data order and init everywhere; `seed` picks the blocks
+    model, _ = real_model()
+    num_layers = len(model.model.layers)
+    model, callbacks = build(method, seed, bi, args, num_layers, model)
+    evaluator, timer = Evaluator(data, args.eval_every), StepTimer()
+    trainer = pl.Trainer(max_steps=args.steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[*callbacks, evaluator, timer])
+    module = CausalLMModule(model, lr=args.lr)
+    trainer.fit(module, DataLoader(Blocks(data["train"]), batch_size=args.batch_size))
+    step_times = [t for s, t in zip(timer.steps, timer.times) if s >= 2 and s % args.eval_every != args.eval_every - 1]
+    result = {
+        "method": method, "seed": seed, "curve": evaluator.curve,
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),  # at the end
+        "optimizer_state_bytes": state_bytes(trainer.optimizers[0]),
+        "step_time": statistics.median(step_times or timer.times),
+    }
+    for cb in callbacks:
+        if isinstance(cb, LayerFreezeCallback):
+            result["frozen_blocks"] = cb.frozen_blocks
+        if isinstance(cb, LayerwiseSampling):
+            result["samples"] = cb.samples
+    end = evaluator.curve[-1]
+    print(f"[{method} seed {seed}] in-domain {end['in_domain']:.2f}, out-of-domain {end['out_of_domain']:.2f},"
+          f" step {result['step_time']:.2f} s", flush=True)
+    return result
+
+
+def ood_at_gain(curve: list[dict[str, float]], target: float) -> float | None:
+    """Out-of-domain perplexity where the curve's in-domain perplexity crosses ``target`` (linear interpolation)."""
+    for a, b in zip(curve, curve[1:]):
+        if (a["in_domain"] - target) * (b["in_domain"] - target) <= 0 and a["in_domain"] != b["in_domain"]:
+            w = (a["in_domain"] - target) / (a["in_domain"] - b["in_domain"])
+            return a["out_of_domain"] + w * (b["out_of_domain"] - a["out_of_domain"])
+    return None
+
+
+def spread(values: list[float]) -> str:
+    mean = statistics.mean(values)
+    return f"{mean:.2f}" + (f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else "")
+
+
+def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    base = results[0]["curve"][0]
+    print(f"\n## Before training: in-domain ppl {base['in_domain']:.2f}, out-of-domain ppl {base['out_of_domain']:.2f}")
+    full = next((r for r in results if r["method"] == "full"), results[0])
+    steps = [p["step"] for p in full["curve"]]
+    print("\n### Out-of-domain perplexity over steps (mean over seeds)")
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        by_method.setdefault(r["method"], []).append(r)
+    rows = [[m] + [f"{statistics.mean(r['curve'][i]['out_of_domain'] for r in rs):.2f}" for i in range(len(steps))]
+            for m, rs in by_method.items()]
+    print(table(["method", *[f"step {s}" for s in steps]], rows))
+    target = max(min(p["in_domain"] for p in r["curve"]) for r in results)  # the weakest method's best gain
+    print(f"\n### At the end, and at equal in-domain gain (in-domain ppl {target:.2f}, reached by every run)")
+    rows = []
+    for m, rs in by_method.items():
+        at = [ood_at_gain(r["curve"], target) for r in rs]
+        rows.append([
+            m, len(rs), spread([r["curve"][-1]["in_domain"] for r in rs]), spread([r["curve"][-1]["out_of_domain"] for r in rs]),
+            spread([a for a in at if a is not None]) if any(a is not None for a in at) else "-",
+            f"{statistics.mean(r['trainable_params'] for r in rs) / full['trainable_params']:.3f}",
+            f"{statistics.mean(r['optimizer_state_bytes'] for r in rs) / max(full['optimizer_state_bytes'], 1):.3f}",
+            f"{statistics.mean(r['step_time'] for r in rs) / full['step_time']:.3f}",
+        ])
+    print(table(["method", "runs", "in-domain ppl", "out-of-domain ppl", "out-of-domain at equal gain",
+                 "trainable params", "optimizer state", "step time"], rows))
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors: dict[str, Any] = {}
+    for r in results:
+        color = colors.setdefault(r["method"], f"C{len(colors)}")
+        label = r["method"] if r["seed"] == min(x["seed"] for x in results if x["method"] == r["method"]) else None
+        steps = [p["step"] for p in r["curve"]]
+        ax1.plot(steps, [p["out_of_domain"] for p in r["curve"]], color=color, label=label, marker=".")
+        ax2.plot([p["in_domain"] for p in r["curve"]], [p["out_of_domain"] for p in r["curve"]], color=color, marker=".")
+    ax1.set(xlabel="optimizer step", ylabel="out-of-domain perplexity (prose never trained on)", title="Forgetting over steps")
+    ax2.set(xlabel="in-domain perplexity (held-out plays)", ylabel="out-of-domain perplexity", title="Trade-off (left = more gain)")
+    ax2.invert_xaxis()
+    ax1.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    args = parse_args()
+    torch.manual_seed(0)
+    _, tokenizer = real_model()
+    data = heal_data(tokenizer, args.steps, args.batch_size, args.seq_len, args.eval_tokens)
+    methods = [m for m in args.methods.split(",") if m]
+    bi = calibration_bi(data) if {"bi", "lisa_bi"} & set(methods) else []
+    seeds = [int(s) for s in args.seeds.split(",")]
+    results = [run(m, seed, data, bi, args) for m in methods for seed in (seeds if m in SEEDED else [0])]
+    report(results, args)
+    args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "bi": bi, "results": results}, indent=2))
+    picture = args.json.with_suffix(".png")
+    plot(results, picture)
+    print(f"\nwritten: {args.json}, {picture}")
+
+
+if __name__ == "__main__":
+    main()
