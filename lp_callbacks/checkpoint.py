@@ -178,6 +178,7 @@ def before_weights_load(
             return load(checkpoint_path, *args, **kwargs)
 
         strategy.load_checkpoint = load_checkpoint
+
     def run(checkpoint: dict[str, Any]) -> None:
         before = list(pl_module.parameters())
         on_checkpoint(pl_module, checkpoint)

@@ -2,6 +2,9 @@
 
 Freeze the blocks with the highest Block Influence (the ones the model relies on most), train only the low-BI
 ones, so new knowledge lands in redundant capacity, less is forgotten and the optimizer holds less state.
+Measured on SmolLM2-135M (``benchmarks/forgetting_benchmark.py``): freezing half the blocks stops the forgetting of
+full fine-tuning, but choosing that half by BI does no better than choosing it at random; sampling a few trainable
+blocks at a time (LISA) forgot least.
 
 Example:
     >>> freeze = LayerFreezeCallback(fraction_frozen=0.5, warmup_steps=20)  # BI from 20 training steps
