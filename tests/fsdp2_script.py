@@ -4,7 +4,7 @@
 
 SETTINGS: strategy ("fsdp2" | "ddp"), callbacks ("monitor" | "prune" | "freeze" | "freeze_prune"), max_steps, late_model (build the
 model in configure_model), ckpt_path (resume), save_every (checkpoint every n steps), distributed_checkpoint,
-mixed (bf16 parameters through FSDP2's MixedPrecisionPolicy), export_dir. Rank 0 writes OUT/result.pt: the full
+mixed (bf16 parameters through FSDP2's MixedPrecisionPolicy), export_dir, scheduler (a per-step LambdaLR). Rank 0 writes OUT/result.pt: the full
 state dict after the fit, what the callbacks hold, and the optimizer's state size.
 """
 
@@ -95,7 +95,7 @@ def main(settings: dict, out: Path) -> None:
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=out,
                          use_distributed_sampler=False)
     module = ShardedLM(late_model=settings.get("late_model", False), mixed=settings.get("mixed", False),
-                       lr=settings.get("lr", 1e-2))
+                       lr=settings.get("lr", 1e-2), scheduler=settings.get("scheduler", False))
     initial = None if settings.get("late_model") else {k: v.clone() for k, v in module.model.state_dict().items()}
     # unshuffled shards (Lightning's own sampler would shuffle): rank r gets the samples r, r+2, ..., 2 per step
     rank = int(os.environ.get("LOCAL_RANK", 0))  # set by Lightning's launcher in the child; 0 in the parent
@@ -114,6 +114,7 @@ def main(settings: dict, out: Path) -> None:
         "optimizer_params": sum(len(g["params"]) for g in optimizer.param_groups),
         "optimizer_state_numel": sum(t.numel() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim()),
         "scheduler_steps": [c.scheduler.last_epoch for c in trainer.lr_scheduler_configs],
+        "lrs": [g["lr"] for g in optimizer.param_groups],
         "global_step": trainer.global_step,
         "trainable_numel": sum(p.numel() for p in module.parameters() if p.requires_grad),  # a DTensor's is global
     }

@@ -44,7 +44,7 @@ def max_diff(a: dict, b: dict) -> float:
 def pruned_fsdp2(tmp_path_factory) -> tuple[Path, dict]:
     """6 steps under FSDP2, two blocks removed after step 2, a distributed checkpoint at step 4, an export."""
     out = tmp_path_factory.mktemp("fsdp2_prune")
-    return out, run(out, callbacks="prune", max_steps=6, save_every=4, export_dir=str(out / "export"))
+    return out, run(out, callbacks="prune", max_steps=6, save_every=4, export_dir=str(out / "export"), scheduler=True)
 
 
 def test_monitor_bi_equals_single_process_bi_over_the_union(tmp_path):
@@ -71,8 +71,9 @@ def test_bf16_parameters_keep_bi_in_float64(tmp_path):
 
 def test_pruned_fsdp2_run_equals_the_same_run_under_ddp(pruned_fsdp2, tmp_path):
     out, fsdp2 = pruned_fsdp2
-    ddp = run(tmp_path, strategy="ddp", callbacks="prune", max_steps=6)
+    ddp = run(tmp_path, strategy="ddp", callbacks="prune", max_steps=6, scheduler=True)
     assert fsdp2["removed"] == ddp["removed"] and len(fsdp2["removed"][0]) == 2
+    assert fsdp2["scheduler_steps"] == ddp["scheduler_steps"] == [6] and fsdp2["lrs"] == ddp["lrs"]  # kept its place
     assert fsdp2["num_layers"] == LAYERS - 2 and fsdp2["global_step"] == 6
     # the removed blocks' shards are freed, the survivors' are the same tensors; FSDP2's root drives the survivors only
     assert fsdp2["shards_alive"] == {i: i in fsdp2["kept"] for i in range(LAYERS)}
@@ -105,17 +106,19 @@ def test_resume_after_a_removal_equals_the_uninterrupted_run(pruned_fsdp2, tmp_p
     out, uninterrupted = pruned_fsdp2
     checkpoint = out / "ckpt" / "epoch=0-step=4.ckpt"
     if not distributed_checkpoint:  # the same run, saving one full-state-dict file
-        first = run(tmp_path / "first", callbacks="prune", max_steps=6, save_every=4, distributed_checkpoint=False)
+        first = run(tmp_path / "first", callbacks="prune", max_steps=6, save_every=4, distributed_checkpoint=False,
+                    scheduler=True)
         assert max_diff(first["state"], uninterrupted["state"]) == 0.0
         checkpoint = tmp_path / "first" / "ckpt" / "epoch=0-step=4.ckpt"
         assert checkpoint.is_file()
     else:
         assert checkpoint.is_dir()
     resumed = run(tmp_path / "resumed", callbacks="prune", max_steps=6, ckpt_path=str(checkpoint),
-                  distributed_checkpoint=distributed_checkpoint)
+                  distributed_checkpoint=distributed_checkpoint, scheduler=True)
     assert resumed["removed"] == uninterrupted["removed"] and resumed["global_step"] == 6
     assert max_diff(resumed["state"], uninterrupted["state"]) == 0.0
     assert resumed["optimizer_state_numel"] == uninterrupted["optimizer_state_numel"]
+    assert resumed["scheduler_steps"] == uninterrupted["scheduler_steps"] and resumed["lrs"] == uninterrupted["lrs"]
 
 
 def test_freezing_under_fsdp2_holds_and_resumes(tmp_path):
