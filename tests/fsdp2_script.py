@@ -4,7 +4,7 @@
 
 SETTINGS: strategy ("fsdp2" | "ddp"), callbacks ("monitor" | "prune" | "freeze" | "freeze_prune"), max_steps, late_model (build the
 model in configure_model), ckpt_path (resume), save_every (checkpoint every n steps), distributed_checkpoint,
-mixed (bf16 parameters through FSDP2's MixedPrecisionPolicy), export_dir, scheduler (a per-step LambdaLR). Rank 0 writes OUT/result.pt: the full
+mixed (bf16 parameters through FSDP2's MixedPrecisionPolicy), export_dir, scheduler (a per-step LambdaLR), precision (the Trainer's). Rank 0 writes OUT/result.pt: the full
 state dict after the fit, what the callbacks hold, and the optimizer's state size.
 """
 
@@ -93,7 +93,7 @@ def main(settings: dict, out: Path) -> None:
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=settings["max_steps"],
                          logger=False, callbacks=callbacks, enable_checkpointing=bool(settings.get("save_every")),
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=out,
-                         use_distributed_sampler=False)
+                         use_distributed_sampler=False, precision=settings.get("precision", "32-true"))
     module = ShardedLM(late_model=settings.get("late_model", False), mixed=settings.get("mixed", False),
                        lr=settings.get("lr", 1e-2), scheduler=settings.get("scheduler", False))
     initial = None if settings.get("late_model") else {k: v.clone() for k, v in module.model.state_dict().items()}

@@ -58,11 +58,13 @@ def test_monitor_bi_equals_single_process_bi_over_the_union(tmp_path):
     assert result["tokens"] == union.tokens
 
 
-def test_bf16_parameters_keep_bi_in_float64(tmp_path):
-    """MixedPrecisionPolicy(param_dtype=bf16): hidden states are bf16, BI is accumulated in float64."""
+@pytest.mark.parametrize("way", [{"mixed": True}, {"precision": "bf16-mixed"}], ids=["mp_policy", "trainer_bf16_mixed"])
+def test_bf16_keeps_bi_in_float64(tmp_path, way):
+    """FSDP2's MixedPrecisionPolicy(param_dtype=bf16), or the Trainer's precision="bf16-mixed" (autocast): hidden
+    states are bf16, BI is accumulated in float64."""
     from lp_callbacks import measure_depth
 
-    result = run(tmp_path, callbacks="monitor", max_steps=2, lr=0.0, mixed=True)
+    result = run(tmp_path, callbacks="monitor", max_steps=2, lr=0.0, **way)
     union = measure_depth(TinyLM(lr=0.0).model, first_eight())
     assert result["bi"].dtype == torch.float64 and torch.isfinite(result["bi"]).all()
     torch.testing.assert_close(result["bi"], union.block_influence, atol=2e-2, rtol=0)  # bf16 activations
