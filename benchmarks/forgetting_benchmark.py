@@ -54,6 +54,7 @@ from _common import Blocks, StepTimer, heal_data, real_model, table  # noqa: E40
 from lp_callbacks import measure_depth  # noqa: E402
 from lp_callbacks.callbacks.layer_freeze import LayerFreezeCallback  # noqa: E402
 from lp_callbacks.evaluation import PerplexityProtocol, perplexity  # noqa: E402
+from lp_callbacks.freezing import optimizer_state_bytes  # noqa: E402
 from lp_callbacks.harness.module import CausalLMModule  # noqa: E402
 from lp_callbacks.surgery import drop_optimizer_params  # noqa: E402
 
@@ -153,10 +154,6 @@ class LayerwiseSampling(pl.Callback):
             drop_optimizer_params(optimizer, frozen, layout)
 
 
-def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    return sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))
-
-
 def calibration_bi(data: dict[str, torch.Tensor]) -> list[float]:
     model, _ = real_model()
     return measure_depth(model.eval(), DataLoader(Blocks(data["calibration"]), batch_size=4)).block_influence.tolist()
@@ -202,7 +199,7 @@ def run(method: str, seed: int, data: dict[str, torch.Tensor], bi: list[float], 
     result = {
         "method": method, "seed": seed, "curve": evaluator.curve,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),  # at the end
-        "optimizer_state_bytes": state_bytes(trainer.optimizers[0]),
+        "optimizer_state_bytes": optimizer_state_bytes(trainer.optimizers),
         "step_time": statistics.median(step_times or timer.times),
     }
     for cb in callbacks:

@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import HELD_OUT_PLAYS, Blocks, StepTimer, out_of_domain_text, spread_blocks  # noqa: E402
 
 from lp_callbacks.callbacks.layer_freeze import LayerFreezeCallback  # noqa: E402
+from lp_callbacks.freezing import optimizer_state_bytes  # noqa: E402
 from lp_callbacks.harness.data import shakespeare_files  # noqa: E402
 from lp_callbacks.harness.models import load_smollm2  # noqa: E402
 from lp_callbacks.harness.module import CausalLMModule  # noqa: E402
@@ -87,10 +88,6 @@ def perplexity(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int) ->
     return math.exp(total / count)
 
 
-def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    return sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))
-
-
 def run(name: str, freeze: LayerFreezeCallback | None, data: dict[str, torch.Tensor], args) -> dict[str, Any]:
     pl.seed_everything(args.seed, verbose=False)
     model, _ = load_smollm2()
@@ -104,7 +101,7 @@ def run(name: str, freeze: LayerFreezeCallback | None, data: dict[str, torch.Ten
         "name": name,
         "frozen_blocks": freeze.frozen_blocks if freeze else [],
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "optimizer_state_bytes": state_bytes(trainer.optimizers[0]),
+        "optimizer_state_bytes": optimizer_state_bytes(trainer.optimizers),
         "step_time": statistics.median(timer.times[2:] or timer.times),
         "in_domain": perplexity(model, data["in_domain"], args.batch_size),
         "out_of_domain": perplexity(model, data["out_of_domain"], args.batch_size),

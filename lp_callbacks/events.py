@@ -125,16 +125,18 @@ def notify_before_prune(trainer: Any, pl_module: Any, current_indices: list[int]
     """Tell every callback with an ``on_before_prune(trainer, pl_module, current_indices)`` method that these blocks
     (current numbering) are about to be removed: the model is still whole when it runs (a distillation teacher is
     copied then)."""
-    for callback in trainer.callbacks:
-        hook = getattr(callback, "on_before_prune", None)
-        if callable(hook):
-            hook(trainer, pl_module, list(current_indices))
+    _call_hooks(trainer, "on_before_prune", pl_module, list(current_indices))
 
 
 def notify_after_prune(trainer: Any, pl_module: Any, original_layers: list[int]) -> None:
     """Tell every callback with an ``on_after_prune(trainer, pl_module, original_layers)`` method that these blocks
     (original numbering) left the model, the optimizers and the strategy's wrappers (a freezer follows them)."""
+    _call_hooks(trainer, "on_after_prune", pl_module, list(original_layers))
+
+
+def _call_hooks(trainer: Any, name: str, pl_module: Any, indices: list[int]) -> None:
+    """``callback.<name>(trainer, pl_module, indices)`` for every callback of the Trainer that has that method."""
     for callback in trainer.callbacks:
-        hook = getattr(callback, "on_after_prune", None)
+        hook = getattr(callback, name, None)
         if callable(hook):
-            hook(trainer, pl_module, list(original_layers))
+            hook(trainer, pl_module, indices)

@@ -17,12 +17,7 @@ from torch import Tensor, nn
 
 from lp_callbacks.architectures import DecoderStack, decoder_stack
 from lp_callbacks.callbacks.block_influence import BlockInfluenceMonitor, find_monitor, find_or_add_monitor
-from lp_callbacks.checkpoint import (
-    before_weights_load,
-    own_prune_state,
-    removal_records,
-    restore_pruned_architecture,
-)
+from lp_callbacks.checkpoint import before_weights_load, own_prune_state, removal_records, restore_pruned_architecture
 from lp_callbacks.distributed import check_strategy_supported, forget_parameters, gather_full_model, is_fsdp2
 from lp_callbacks.events import DepthEvent, notify_after_prune, notify_before_prune
 from lp_callbacks.export import check_export_dir, save_export
