@@ -18,10 +18,12 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lp_callbacks.architectures import DecoderStack, input_embeddings, output_embeddings
-from lp_callbacks.selection import highest_scores
+from lp_callbacks.selection import highest_scores, sample_layers
 
 __all__ = [
+    "SAMPLINGS",
     "check_scores",
+    "check_sources",
     "check_warmup",
     "count_frozen",
     "enable_input_require_grads",
@@ -29,6 +31,7 @@ __all__ = [
     "optimizer_state_bytes",
     "resolve_names",
     "resolve_protected",
+    "sample_frozen",
     "select_frozen",
     "training_sizes",
     "unique_params",
@@ -52,6 +55,33 @@ def check_scores(scores: Any) -> Tensor | None:
     if not bool(torch.isfinite(values).all()):
         raise ValueError(f"`scores` must be finite, got {values.tolist()}.")
     return values
+
+
+#: How :class:`~lp_callbacks.LayerFreezeCallback` draws the trainable blocks when it resamples them (LISA).
+SAMPLINGS: tuple[str, ...] = ("uniform", "low_bi")
+
+
+def check_sources(sources: Mapping[str, bool], sampling: str | None) -> str | None:
+    """The one source of block importance among ``sources`` (name: given?), or ``None`` for uniform sampling, which
+    needs none; raises for any other combination, and for a ``sampling`` outside :data:`SAMPLINGS`."""
+    given = [name for name, on in sources.items() if on]
+    if sampling is not None and sampling not in SAMPLINGS:
+        raise ValueError(f"`sampling` must be one of {list(SAMPLINGS)}, got {sampling!r}.")
+    if sampling == "uniform":
+        if given:
+            raise ValueError(
+                "`sampling='uniform'` draws the trainable blocks without looking at block importance: remove"
+                f" {given}, or pass sampling='low_bi' to draw low-BI blocks more often."
+            )
+        return None
+    if len(given) != 1:
+        raise ValueError(
+            "LayerFreezeCallback needs exactly one source of block importance: `scores=[...]` (one per block),"
+            " `calibration_dataloader=...` (measured at fit start) or `warmup_steps >= 1` (measured by the"
+            f" BlockInfluenceMonitor while training); got {given or 'none'}. Without one, sample the trainable"
+            " blocks uniformly: `resample_every_n_steps=N` (LISA)."
+        )
+    return given[0]
 
 
 def check_warmup(warmup_steps: int, max_steps: int | None) -> None:
@@ -190,6 +220,20 @@ def select_frozen(scores: Tensor, count: int) -> list[int]:
             " important (frozen first)."
         )
     return highest_scores(scores, count)
+
+
+def sample_frozen(num_layers: int, count: int, seed: int, draw: int, scores: Tensor | None = None) -> list[int]:
+    """LISA: the ``count`` blocks to freeze when the ``num_layers - count`` trainable ones are drawn at random,
+    uniformly (``scores`` is ``None``) or with probability proportional to ``1 / BI`` (a block without BI counts as
+    the most important one measured); ``(seed, draw)`` fixes the draw."""
+    weights = None
+    if scores is not None:
+        bi = scores.detach().to(torch.float64).cpu()
+        finite = bi[torch.isfinite(bi)]
+        bi = torch.where(torch.isfinite(bi), bi, finite.max() if finite.numel() else torch.ones(()))
+        weights = 1.0 / bi.clamp_min(1e-6)
+    trainable = set(sample_layers(num_layers, num_layers - count, seed, draw, weights))
+    return [i for i in range(num_layers) if i not in trainable]
 
 
 def uses_checkpointing(model: nn.Module) -> bool:

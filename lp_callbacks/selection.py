@@ -10,6 +10,7 @@ Example:
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +21,7 @@ from torch import Tensor
 from lp_callbacks.validation import check_bool, check_int
 
 __all__ = ["CRITERIA", "AblationSettings", "best_contiguous_block", "choose_layers", "highest_scores", "last_layers",
-           "lowest_scores", "protected_indices", "random_layers"]
+           "lowest_scores", "protected_indices", "random_layers", "sample_layers"]
 
 #: Selection criteria of :class:`~lp_callbacks.callbacks.LayerPruneCallback`.
 CRITERIA: tuple[str, ...] = ("block_influence", "angular", "last", "random", "ablation")
@@ -132,6 +133,21 @@ def random_layers(num_layers: int, k: int, protected: Collection[int] = (), seed
     _check_enough(k, candidates, num_layers, protected)
     order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(seed))[:k]
     return sorted(candidates[i] for i in order.tolist())
+
+
+def sample_layers(num_layers: int, k: int, seed: int, draw: int, weights: Tensor | None = None) -> list[int]:
+    """Draw ``k`` of ``num_layers`` layers without replacement, uniformly or with probabilities proportional to
+    ``weights``; the same ``(seed, draw)`` always gives the same layers (a private generator: the global RNG is left
+    alone, and every process draws alike without sharing state)."""
+    if not 1 <= k <= num_layers:
+        raise ValueError(f"cannot draw {k} of {num_layers} layers: k must be in [1, {num_layers}].")
+    # torch's CPU generator keeps 32 bits of its seed: mix both numbers into them (str seeds hash with SHA-512)
+    generator = torch.Generator().manual_seed(random.Random(f"{seed}:{draw}").getrandbits(32))
+    if weights is None:
+        order = torch.randperm(num_layers, generator=generator)[:k]
+    else:
+        order = torch.multinomial(weights.to(torch.float64), k, replacement=False, generator=generator)
+    return sorted(order.tolist())
 
 
 def protected_indices(num_layers: int, first: int, last: int, extra: Collection[int] = ()) -> set[int]:

@@ -1,11 +1,12 @@
 """Two-process DDP run of LayerFreezeCallback on CPU (gloo); launched by tests/test_layer_freeze.py.
 
-To run: python tests/ddp_freeze_script.py OUT_DIR [prune]   (writes OUT_DIR/rank0.pt and OUT_DIR/rank1.pt)
+To run: python tests/ddp_freeze_script.py OUT_DIR [prune|sample]   (writes OUT_DIR/rank0.pt and OUT_DIR/rank1.pt)
 
 Each rank trains on its own shard, freezes at step 2 from BI measured on the warm-up steps, trains on to step 5,
 and saves what it holds: the frozen set, every weight, the frozen weights as they were at the freeze, and the
 parameters its optimizer still holds. With ``prune``, a LayerPruneCallback also removes the last two blocks
-(original 4 and 5) after step 3, whatever they are (frozen or not).
+(original 4 and 5) after step 3, whatever they are (frozen or not). With ``sample``, the trainable blocks are drawn
+at random (LISA: 2 of 6, again every 2 steps) instead: no monitor, no warm-up.
 """
 
 from __future__ import annotations
@@ -43,12 +44,15 @@ class SnapshotAtFreeze(Callback):
             self.frozen = {n: p.detach().clone() for n, p in pl_module.named_parameters() if not p.requires_grad}
 
 
-def main(out_dir: str, prune: bool = False) -> None:
+def main(out_dir: str, prune: bool = False, sample: bool = False) -> None:
     torch.set_num_threads(1)
     module = TinyLM(optimizer="adamw", seed=0)
-    freeze = LayerFreezeCallback(fraction_frozen=0.5, warmup_steps=FREEZE_STEP)
+    if sample:
+        freeze = LayerFreezeCallback(num_trainable=2, resample_every_n_steps=2, seed=5)
+    else:
+        freeze = LayerFreezeCallback(fraction_frozen=0.5, warmup_steps=FREEZE_STEP)
     snapshot = SnapshotAtFreeze()
-    callbacks = [BlockInfluenceMonitor(), freeze, snapshot]
+    callbacks = [freeze, snapshot] if sample else [BlockInfluenceMonitor(), freeze, snapshot]
     if prune:
         from lp_callbacks import LayerPruneCallback
 
@@ -62,6 +66,7 @@ def main(out_dir: str, prune: bool = False) -> None:
         {
             "frozen_blocks": freeze.frozen_blocks,
             "record": freeze.record,
+            "history": freeze.history,
             "weights": {n: p.detach().clone() for n, p in module.named_parameters()},
             "requires_grad": {n: p.requires_grad for n, p in module.named_parameters()},
             "at_freeze": snapshot.frozen,
@@ -76,6 +81,6 @@ def main(out_dir: str, prune: bool = False) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], prune=sys.argv[2:] == ["prune"])
+    main(sys.argv[1], prune=sys.argv[2:] == ["prune"], sample=sys.argv[2:] == ["sample"])
     if torch.distributed.is_initialized():  # a clean exit: gloo threads abort the process otherwise
         torch.distributed.destroy_process_group()

@@ -17,12 +17,13 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_debug
 from torch import Tensor, nn
 
 from lp_callbacks.architectures import DecoderStack, decoder_stack
@@ -32,12 +33,14 @@ from lp_callbacks.distributed import check_strategy_supported, schedulers_of, sy
 from lp_callbacks.events import DepthEvent
 from lp_callbacks.freezing import (
     check_scores,
+    check_sources,
     check_warmup,
     count_frozen,
     enable_input_require_grads,
     freeze_metrics,
     resolve_names,
     resolve_protected,
+    sample_frozen,
     select_frozen,
     training_sizes,
     unique_params,
@@ -75,6 +78,13 @@ class LayerFreezeCallback(Callback):
     with ``reevaluate_every_n_steps`` the choice is made again from the monitor's current BI every that many steps
     (blocks leaving the frozen set train again with fresh optimizer state, in their original param group).
 
+    *Sampling (LISA)*: with ``resample_every_n_steps`` the trainable blocks are drawn at random instead, and drawn
+    again every that many steps: ``sampling="uniform"`` (no importance source needed; the default, and what forgot
+    least in ``benchmarks/forgetting_benchmark.py``) or ``"low_bi"`` (probability proportional to 1 / BI from the
+    one importance source given; with ``warmup_steps`` the monitor's current BI at each draw). Each draw depends
+    only on ``seed`` and its number, so every rank draws alike and a resumed run draws what the uninterrupted one
+    would have.
+
     *Effect*: frozen parameters get ``requires_grad=False`` and are removed in place from the optimizers'
     ``param_groups`` and ``state`` (no momentum, no weight decay can move them, their state memory is released);
     trainable parameters keep their state. The embeddings, LM head and final norm are frozen from fit start
@@ -107,6 +117,9 @@ class LayerFreezeCallback(Callback):
         freeze_final_norm: freeze the norm applied after the last block.
         also_freeze: dotted names of further modules to keep frozen (relative to the HF model, or the LightningModule).
         reevaluate_every_n_steps: re-pick the frozen set every N steps after the first choice (needs the monitor).
+        resample_every_n_steps: draw the trainable blocks at random (LISA), again every N steps.
+        sampling: how they are drawn: ``"uniform"`` or ``"low_bi"`` (needs an importance source).
+        seed: seeds the draws.
         layers_path: dotted path of the decoder block ``ModuleList`` for custom models.
         prefix: logged keys start with it, e.g. ``layer_freeze/trainable_params``.
 
@@ -136,6 +149,9 @@ class LayerFreezeCallback(Callback):
         freeze_final_norm: bool = True,
         also_freeze: Sequence[str] = (),
         reevaluate_every_n_steps: int | None = None,
+        resample_every_n_steps: int | None = None,
+        sampling: Literal["uniform", "low_bi"] = "uniform",
+        seed: int = 0,
         layers_path: str | None = None,
         prefix: str = "layer_freeze",
     ) -> None:
@@ -146,14 +162,19 @@ class LayerFreezeCallback(Callback):
         check_int("warmup_steps", warmup_steps, minimum=0)
         check_int("calibration_batches", calibration_batches, minimum=1, allow_none=True)
         check_int("reevaluate_every_n_steps", reevaluate_every_n_steps, minimum=1, allow_none=True)
-        sources = [name for name, on in (("scores", self.scores is not None), ("calibration_dataloader",
-                   calibration_dataloader is not None), ("warmup_steps", warmup_steps > 0)) if on]
-        if len(sources) != 1:
+        check_int("resample_every_n_steps", resample_every_n_steps, minimum=1, allow_none=True)
+        check_int("seed", seed, minimum=0)
+        if resample_every_n_steps is not None and reevaluate_every_n_steps is not None:
             raise ValueError(
-                "LayerFreezeCallback needs exactly one source of block importance: `scores=[...]` (one per block),"
-                " `calibration_dataloader=...` (measured at fit start) or `warmup_steps >= 1` (measured by the"
-                f" BlockInfluenceMonitor while training); got {sources or 'none'}."
+                "`reevaluate_every_n_steps` (re-pick the highest-BI blocks) and `resample_every_n_steps` (draw the"
+                f" trainable blocks at random) exclude each other; got {reevaluate_every_n_steps} and"
+                f" {resample_every_n_steps}."
             )
+        sources = {"scores": self.scores is not None, "calibration_dataloader": calibration_dataloader is not None,
+                   "warmup_steps": warmup_steps > 0}
+        self.sampling = None if resample_every_n_steps is None else sampling
+        if resample_every_n_steps is None and sampling != "uniform":
+            raise ValueError(f"`sampling={sampling!r}` needs `resample_every_n_steps` (how often to draw), got None.")
         for name, value in (("freeze_embeddings", freeze_embeddings), ("freeze_lm_head", freeze_lm_head),
                             ("freeze_final_norm", freeze_final_norm)):
             check_bool(name, value)
@@ -161,7 +182,9 @@ class LayerFreezeCallback(Callback):
             raise TypeError(f"`also_freeze` must be a list of dotted module names, got {also_freeze!r}.")
         if not isinstance(prefix, str) or not prefix:
             raise ValueError(f"`prefix` must be a non-empty string, got {prefix!r}.")
-        self.source = sources[0]
+        self.source = check_sources(sources, self.sampling)  # None: uniform sampling
+        self.resample_every_n_steps = resample_every_n_steps
+        self.seed = seed
         self.warmup_steps = warmup_steps
         self.calibration_dataloader = calibration_dataloader
         self.calibration_batches = calibration_batches
@@ -177,6 +200,8 @@ class LayerFreezeCallback(Callback):
         self.history: list[dict[str, Any]] = []
         self.depth_events: list[DepthEvent] = []  # read by DepthEfficiencyMonitor
         self._last_decision_step: int | None = None
+        self._draws = 0  # LISA draws made
+        self._calibrated: dict[int, float] = {}  # BI measured at fit start, by original block (a LISA weight)
         # bound to one fit (on_fit_start)
         self._monitor: BlockInfluenceMonitor | None = None
         self._stack: DecoderStack | None = None
@@ -194,7 +219,8 @@ class LayerFreezeCallback(Callback):
     # ================================================================ public reading API
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(mode=self.mode, amount=self.amount, source=self.source, prefix=self.prefix)
+        return self._generate_state_key(mode=self.mode, amount=self.amount, source=self.source, prefix=self.prefix,
+                                        **({"sampling": self.sampling} if self.sampling else {}))
 
     @property
     def trainable_blocks(self) -> list[int] | None:
@@ -212,7 +238,7 @@ class LayerFreezeCallback(Callback):
             trainer, pl_module, lambda _, checkpoint: self._before_checkpoint_load(trainer, checkpoint), late=True
         )
         check_warmup(self.warmup_steps, trainer.max_steps)
-        needs_monitor = bool(self.warmup_steps or self.reevaluate_every_n_steps)
+        needs_monitor = bool(self.warmup_steps or self.reevaluate_every_n_steps)  # low_bi draws after a warm-up too
         self._monitor = find_or_add_monitor(trainer, "LayerFreezeCallback", self.layers_path) if needs_monitor else find_monitor(trainer)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -220,9 +246,13 @@ class LayerFreezeCallback(Callback):
         if self.frozen_blocks is not None:  # resume (or a second fit): the same set, before optimizer state loads
             self._apply(trainer, pl_module, self._positions(self.frozen_blocks))
         elif self.source == "scores":
-            self._decide(trainer, pl_module, torch.as_tensor(self.scores)[original_indices(self._stack)], "scores")
+            self._decide(trainer, pl_module, self._fixed_scores(), "scores")
         elif self.source == "calibration_dataloader":
-            self._decide(trainer, pl_module, self._calibrate(), "calibration")
+            bi = self._calibrate()
+            self._calibrated = dict(zip(original_indices(self._stack), bi.tolist(), strict=True))
+            self._decide(trainer, pl_module, bi, "calibration")
+        elif self.source is None:  # uniform sampling
+            self._decide(trainer, pl_module, None, "sampling")
         else:  # warm-up: only the protected modules now, the blocks later
             self._apply(trainer, pl_module, [])
 
@@ -237,8 +267,7 @@ class LayerFreezeCallback(Callback):
         if not self._steps.stepped(trainer):
             return
         if self._decision_due(trainer.global_step):
-            source = "warmup" if self.frozen_blocks is None else "reevaluation"
-            self._decide(trainer, pl_module, self._monitor_scores(trainer), source)
+            self._decide(trainer, pl_module, *self._decision_input(trainer))
         self._log(trainer, pl_module)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -258,6 +287,8 @@ class LayerFreezeCallback(Callback):
             "version": 1,
             "frozen_blocks": self.frozen_blocks,
             "last_decision_step": self._last_decision_step,
+            "draws": self._draws,
+            "calibrated": self._calibrated,
             "record": self.record,
             "history": self.history,
             "depth_events": [e.to_dict() for e in self.depth_events],
@@ -267,6 +298,8 @@ class LayerFreezeCallback(Callback):
         blocks = state_dict.get("frozen_blocks")
         self.frozen_blocks = None if blocks is None else [int(i) for i in blocks]
         self._last_decision_step = state_dict.get("last_decision_step")
+        self._draws = int(state_dict.get("draws", 0))
+        self._calibrated = {int(k): float(v) for k, v in state_dict.get("calibrated", {}).items()}
         self.record = dict(state_dict.get("record", {}))
         self.history = list(state_dict.get("history", []))
         self.depth_events = [DepthEvent.from_dict(d) for d in state_dict.get("depth_events", [])]
@@ -288,14 +321,35 @@ class LayerFreezeCallback(Callback):
         if final_depth is not None:  # the count must still leave a trainable block at the pruned depth
             count_frozen(self.mode, self.amount, final_depth)
 
+    def on_before_prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, current_indices: list[int]) -> None:
+        """The groups go back to their configured layout (frozen parameters in, without state) for the removal: a
+        group that loses its trainable parameters but keeps frozen ones is not taken for an emptied one."""
+        for optimizer, layout in zip(trainer.optimizers, self._layouts, strict=False):
+            drop_optimizer_params(optimizer, [], layout)
+
     def on_after_prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, original_layers: list[int]) -> None:
         """Blocks left the model: the frozen set keeps the survivors (original numbering), the layouts lose the
         removed parameters, and later decisions pick among the blocks that exist."""
         self._follow_removals(trainer, pl_module)
-        if self.frozen_blocks is not None:
-            self._apply(trainer, pl_module, self._positions(self.frozen_blocks))
-            self.record.update(frozen_blocks=list(self.frozen_blocks), trainable_blocks=self.trainable_blocks,
-                               original_indices=original_indices(self._stack))  # type: ignore[arg-type]
+        if self.frozen_blocks is None:
+            return
+        if self.sampling is not None or not self.trainable_blocks:  # draw again / no block left to train
+            if self.sampling is None:
+                rank_zero_warn(f"LayerFreezeCallback: the removal of blocks {original_layers} left no trainable block;"
+                               " the frozen set is chosen again from the last scores of the blocks left.")
+            self._decide(trainer, pl_module, self._surviving_scores(), "resampling" if self.sampling else "removal")
+            return
+        self._apply(trainer, pl_module, self._positions(self.frozen_blocks))
+        self.record.update(frozen_blocks=list(self.frozen_blocks), trainable_blocks=self.trainable_blocks,
+                           original_indices=original_indices(self._stack))  # type: ignore[arg-type]
+
+    def _surviving_scores(self) -> Tensor | None:
+        """The last decision's scores of the blocks that exist now (``None`` when it had none: uniform sampling)."""
+        assert self._stack is not None
+        if not self.record.get("scores"):
+            return None
+        by_original = dict(zip(self.record["original_indices"], self.record["scores"], strict=True))
+        return torch.tensor([by_original[o] for o in original_indices(self._stack)], dtype=torch.float64)
 
     def _follow_removals(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Re-read the blocks after a removal; forget what left, in the layouts and param groups too."""
@@ -362,8 +416,25 @@ class LayerFreezeCallback(Callback):
     def _decision_due(self, step: int) -> bool:
         if self.frozen_blocks is None:
             return self.source == "warmup_steps" and step >= self.warmup_steps
-        every = self.reevaluate_every_n_steps
+        every = self.resample_every_n_steps or self.reevaluate_every_n_steps
         return every is not None and step >= (self._last_decision_step or 0) + every
+
+    def _decision_input(self, trainer: pl.Trainer) -> tuple[Tensor | None, str]:
+        """The scores a decision due now rests on, and the name of the decision."""
+        if self.frozen_blocks is None:
+            return self._monitor_scores(trainer), "warmup"
+        if self.sampling is None:
+            return self._monitor_scores(trainer), "reevaluation"
+        if self.source == "scores":
+            return self._fixed_scores(), "resampling"
+        if self.source == "calibration_dataloader":
+            return torch.tensor([self._calibrated[o] for o in original_indices(self._stack)]), "resampling"
+        return (None if self.source is None else self._monitor_scores(trainer)), "resampling"
+
+    def _fixed_scores(self) -> Tensor:
+        """The user's ``scores`` of the blocks that exist now."""
+        assert self.scores is not None and self._stack is not None
+        return self.scores[original_indices(self._stack)]
 
     def _monitor_scores(self, trainer: pl.Trainer) -> Tensor:
         monitor = self._monitor
@@ -381,22 +452,28 @@ class LayerFreezeCallback(Callback):
     def _decide(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, scores: Tensor | None, source: str
     ) -> None:
-        assert scores is not None and self._stack is not None
+        assert self._stack is not None and (scores is not None or self.sampling == "uniform")
         num_layers = len(self._stack.layers)
-        if len(scores) != num_layers:
+        if scores is not None and len(scores) != num_layers:
             raise RuntimeError(f"LayerFreezeCallback: got {len(scores)} block scores for {num_layers} decoder blocks.")
         original = original_indices(self._stack)
-        chosen = [original[i] for i in select_frozen(scores, count_frozen(self.mode, self.amount, num_layers))]
+        count = count_frozen(self.mode, self.amount, num_layers)
+        if self.sampling is None:
+            positions = select_frozen(scores, count)
+        else:
+            positions = sample_frozen(num_layers, count, self.seed, self._draws, scores)
+            self._draws += 1
+        chosen = [original[i] for i in positions]
         before = set(self.frozen_blocks or [])
         self.frozen_blocks = trainer.strategy.broadcast(chosen, src=0)  # every rank freezes rank 0's choice
         self._apply(trainer, pl_module, self._positions(self.frozen_blocks))
-        by_original = {o: float(scores[i]) for i, o in enumerate(original)}
+        by_original = {} if scores is None else {o: float(scores[i]) for i, o in enumerate(original)}
         self._add_events(trainer, by_original, source, sorted(before & set(original) - set(self.frozen_blocks)), "unfreeze")
         self._add_events(trainer, by_original, source, sorted(set(self.frozen_blocks) - before), "freeze")
         self._last_decision_step = trainer.global_step
         self.record = self._describe(trainer, pl_module, scores, source)
         self.history.append(dict(self.record))
-        rank_zero_info(
+        (rank_zero_debug if source == "resampling" else rank_zero_info)(
             f"LayerFreezeCallback: step {trainer.global_step} ({source}): frozen blocks {self.frozen_blocks},"
             f" trainable blocks {self.record['trainable_blocks']},"
             f" trainable params {self.record['trainable_params']:,}."
@@ -406,9 +483,10 @@ class LayerFreezeCallback(Callback):
         """One :class:`DepthEvent` for the blocks (original numbering) that this decision froze or unfroze."""
         if not blocks:
             return
+        num_layers = len(self._stack.layers)  # type: ignore[union-attr]
         self.depth_events.append(DepthEvent(
-            step=trainer.global_step, kind=kind, original_layers=blocks, scores=[scores[o] for o in blocks],
-            detail=f"{source}: {kind} {len(blocks)} of {len(scores)} blocks",
+            step=trainer.global_step, kind=kind, original_layers=blocks, scores=[scores[o] for o in blocks if scores],
+            detail=f"{source}: {kind} {len(blocks)} of {num_layers} blocks",
         ))
 
     # ================================================================ internals: applying
@@ -446,13 +524,14 @@ class LayerFreezeCallback(Callback):
 
     # ================================================================ internals: recording
     def _describe(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, scores: Tensor, source: str
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, scores: Tensor | None, source: str
     ) -> dict[str, Any]:
         assert self._stack is not None and self.frozen_blocks is not None
         return {
             "step": trainer.global_step,
             "source": source,
-            "scores": [float(s) for s in scores],
+            "scores": [] if scores is None else [float(s) for s in scores],
+            **({"draw": self._draws - 1} if self.sampling else {}),
             "frozen_blocks": list(self.frozen_blocks),
             "trainable_blocks": self.trainable_blocks,
             "original_indices": original_indices(self._stack),
