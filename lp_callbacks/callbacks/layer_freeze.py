@@ -24,19 +24,18 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.rank_zero import rank_zero_debug
-from torch import Tensor, nn
+from torch import Tensor
 
 from lp_callbacks.architectures import DecoderStack, decoder_stack
 from lp_callbacks.callbacks.block_influence import BlockInfluenceMonitor, find_monitor, find_or_add_monitor
 from lp_callbacks.checkpoint import before_weights_load
-from lp_callbacks.distributed import check_strategy_supported, schedulers_of, sync_strategy_with_model
+from lp_callbacks.distributed import check_strategy_supported
 from lp_callbacks.events import DepthEvent
 from lp_callbacks.freezing import (
     check_scores,
     check_sources,
     check_warmup,
     count_frozen,
-    enable_input_require_grads,
     freeze_metrics,
     resolve_names,
     resolve_protected,
@@ -47,8 +46,9 @@ from lp_callbacks.freezing import (
     warn_if_tied,
 )
 from lp_callbacks.measure import measure_depth
+from lp_callbacks.param_switch import ParamSwitch
 from lp_callbacks.stepping import OptimizerStepTracker
-from lp_callbacks.surgery import drop_optimizer_params, follow_param_groups, original_indices, removed_original_indices
+from lp_callbacks.surgery import original_indices, removed_original_indices
 from lp_callbacks.validation import check_amount, check_bool, check_int
 
 __all__ = ["LayerFreezeCallback"]
@@ -205,14 +205,8 @@ class LayerFreezeCallback(Callback):
         # bound to one fit (on_fit_start)
         self._monitor: BlockInfluenceMonitor | None = None
         self._stack: DecoderStack | None = None
-        self._groups: list[list[dict[str, Any]]] = []  # each optimizer's param groups at bind, by identity
-        self._block_params: list[list[nn.Parameter]] = []
-        self._fixed_frozen: dict[int, nn.Parameter] = {}  # protected modules and also_freeze
-        self._fixed_names: list[str] = []
-        self._managed: dict[int, nn.Parameter] = {}  # parameters this callback may switch
-        self._frozen_by_me: dict[int, nn.Parameter] = {}
-        self._layouts: list[list[list[nn.Parameter]]] = []  # per optimizer, per group: params as configured
-        self._input_grads_enabled = False
+        self._switch: ParamSwitch | None = None  # applies the frozen set
+        self._fixed_names: list[str] = []  # protected modules and also_freeze, as parameter names
         self._steps = OptimizerStepTracker()
         self._load_hook: Any = None
 
@@ -324,8 +318,8 @@ class LayerFreezeCallback(Callback):
     def on_before_prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, current_indices: list[int]) -> None:
         """The groups go back to their configured layout (frozen parameters in, without state) for the removal: a
         group that loses its trainable parameters but keeps frozen ones is not taken for an emptied one."""
-        for optimizer, layout in zip(trainer.optimizers, self._layouts, strict=False):
-            drop_optimizer_params(optimizer, [], layout)
+        if self._switch is not None:
+            self._switch.restore_layouts(trainer.optimizers)
 
     def on_after_prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, original_layers: list[int]) -> None:
         """Blocks left the model: the frozen set keeps the survivors (original numbering), the layouts lose the
@@ -355,19 +349,11 @@ class LayerFreezeCallback(Callback):
         """Re-read the blocks after a removal; forget what left, in the layouts and param groups too."""
         if self._stack is None:
             return
-        alive = {id(p) for p in pl_module.parameters()}
         present = set(original_indices(self._stack))
         if self.frozen_blocks is not None:
             self.frozen_blocks = [o for o in self.frozen_blocks if o in present]
-        self._block_params = [list(layer.parameters()) for layer in self._stack.layers]
-        self._managed = {k: p for k, p in self._managed.items() if k in alive}
-        self._frozen_by_me = {k: p for k, p in self._frozen_by_me.items() if k in alive}
-        self._fixed_frozen = {k: p for k, p in self._fixed_frozen.items() if k in alive}
-        self._layouts = [
-            follow_param_groups(optimizer, layout, groups, alive, schedulers_of(trainer, optimizer))
-            for optimizer, layout, groups in zip(trainer.optimizers, self._layouts, self._groups, strict=False)
-        ]
-        self._groups = [list(optimizer.param_groups) for optimizer in trainer.optimizers]
+        assert self._switch is not None
+        self._switch.follow_removals(trainer, {id(p) for p in pl_module.parameters()})
 
     def _positions(self, originals: Sequence[int]) -> list[int]:
         """Current positions of the blocks with these original indices."""
@@ -397,16 +383,12 @@ class LayerFreezeCallback(Callback):
         extra = resolve_names(stack.root, pl_module, self.also_freeze)
         warn_if_tied(stack.root, self.protect)
 
-        self._stack = stack
-        self._block_params = [list(layer.parameters()) for layer in stack.layers]
         fixed = unique_params([m for modules in protected.values() for m in modules] + extra)
-        self._fixed_frozen = {id(p): p for p in fixed}
         names = {id(p): n for n, p in pl_module.named_parameters()}
         self._fixed_names = sorted(names.get(id(p), "?") for p in fixed)
-        candidates = fixed + [p for params in self._block_params for p in params]
-        self._managed = {id(p): p for p in candidates if p.requires_grad or id(p) in self._frozen_by_me}
-        self._layouts = [[list(group["params"]) for group in opt.param_groups] for opt in trainer.optimizers]
-        self._groups = [list(opt.param_groups) for opt in trainer.optimizers]  # the group objects, to follow them
+        self._stack = stack
+        self._switch = ParamSwitch(stack, fixed, trainer.optimizers, self._switch.frozen if self._switch else None,
+                                   input_grads=self.protect["embeddings"])
 
     # ================================================================ internals: deciding
     def _calibrate(self) -> Tensor:
@@ -492,35 +474,12 @@ class LayerFreezeCallback(Callback):
     # ================================================================ internals: applying
     def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, blocks: Sequence[int]) -> None:
         """Make exactly ``blocks`` (plus the fixed modules) frozen: requires_grad, optimizers, DDP wrapper."""
-        frozen = dict(self._fixed_frozen)
-        for i in blocks:
-            frozen.update({id(p): p for p in self._block_params[i]})
-        changed = False
-        for key, param in self._managed.items():
-            trainable = key not in frozen
-            changed |= param.requires_grad != trainable
-            param.requires_grad_(trainable)
-            if not trainable:
-                param.grad = None
-        self._frozen_by_me = {k: p for k, p in self._managed.items() if k in frozen}
-        # Groups = the configured groups minus frozen params, in their configured order; frozen state dropped. The
-        # layout is a pure function of the frozen set, so a checkpoint's optimizer state always fits on resume;
-        # unfrozen parameters return to their own group (its LR, weight decay) with no state: they start fresh.
-        for optimizer, layout in zip(trainer.optimizers, self._layouts, strict=False):
-            drop_optimizer_params(optimizer, frozen.values(), layout)
-        if changed:
-            sync_strategy_with_model(trainer)
-        self._enable_input_grads()
-
-    def _enable_input_grads(self) -> None:
-        assert self._stack is not None
-        if not self._input_grads_enabled and self.protect["embeddings"]:
-            self._input_grads_enabled = enable_input_require_grads(self._stack.root)
+        assert self._switch is not None
+        self._switch.apply(trainer, blocks)
 
     def _release(self) -> None:
-        if self._input_grads_enabled and self._stack is not None:
-            self._stack.root.disable_input_require_grads()
-            self._input_grads_enabled = False
+        if self._switch is not None:
+            self._switch.release()
 
     # ================================================================ internals: recording
     def _describe(
