@@ -2,7 +2,7 @@
 
     python tests/fsdp2_script.py SETTINGS_JSON OUT_DIR
 
-SETTINGS: strategy ("fsdp2" | "ddp"), callbacks ("monitor" | "prune" | "freeze" | "freeze_prune"), max_steps, late_model (build the
+SETTINGS: strategy ("fsdp2" | "ddp"), callbacks ("monitor" | "prune" | "freeze" | "freeze_prune" | "sample"), max_steps, late_model (build the
 model in configure_model), ckpt_path (resume), save_every (checkpoint every n steps), distributed_checkpoint,
 mixed (bf16 parameters through FSDP2's MixedPrecisionPolicy), export_dir, scheduler (a per-step LambdaLR), precision (the Trainer's). Rank 0 writes OUT/result.pt: the full
 state dict after the fit, what the callbacks hold, and the optimizer's state size.
@@ -85,6 +85,8 @@ def main(settings: dict, out: Path) -> None:
         callbacks.append(ShardWatch())
     if kind in ("freeze", "freeze_prune"):  # blocks 0, 2, 4 frozen
         callbacks.append(LayerFreezeCallback(num_frozen=3, scores=[0.9, 0.1, 0.8, 0.2, 0.7, 0.3]))
+    if kind == "sample":  # layer-wise sampling: 2 of the 6 blocks trainable, drawn again every 2 steps
+        callbacks.append(LayerFreezeCallback(num_trainable=2, resample_every_n_steps=2, seed=1))
     if kind == "freeze_prune":  # original blocks 4 (frozen) and 5 (trainable) removed after step 2
         callbacks.append(LayerPruneCallback(num_layers=2, at_steps=[2], criterion="last", protect_last=0))
     if settings.get("save_every"):
@@ -124,6 +126,7 @@ def main(settings: dict, out: Path) -> None:
             result["kept"] = cb.original_indices
         if isinstance(cb, LayerFreezeCallback):
             result["frozen"] = cb.frozen_blocks
+            result["draws"] = [h["trainable_blocks"] for h in cb.history]
             result["frozen_names"] = sorted(n for n, p in module.model.named_parameters() if not p.requires_grad)
         if isinstance(cb, ShardWatch) and not settings.get("ckpt_path"):
             result["shards_alive"] = cb.alive()

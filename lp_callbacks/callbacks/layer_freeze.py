@@ -304,6 +304,12 @@ class LayerFreezeCallback(Callback):
         state = checkpoint.get("callbacks", {}).get(self.state_key)
         if state is None or not trainer.strategy.restore_checkpoint_after_setup:
             return
+        if self.sampling is not None:  # measured: the resumed run's next steps differ (tests/test_fsdp2.py)
+            raise RuntimeError(
+                "LayerFreezeCallback: resuming layer-wise sampling (`resample_every_n_steps`) under FSDP2"
+                f" ({type(trainer.strategy).__name__}) is not supported: the resumed run would not equal the"
+                " uninterrupted one. Resume this checkpoint under DDP, or start the run again without `ckpt_path`."
+            )
         self.load_state_dict(state)  # Lightning loads the same again later
         self._follow_removals(trainer, trainer.lightning_module)  # a pruner rebuilt the pruned model just before
         if self.frozen_blocks is not None:
