@@ -158,17 +158,20 @@ def test_freeze_and_prune_together_under_fsdp2_equal_ddp_and_resume(tmp_path):
     assert max_diff(resumed["state"], first["state"]) == 0.0
 
 
-def test_layer_wise_sampling_under_fsdp2_equals_ddp_and_its_resume_is_refused(tmp_path):
+def test_layer_wise_sampling_under_fsdp2_equals_ddp_and_resumes(tmp_path):
     """2 of 6 blocks trainable, drawn again at steps 2, 4 and 6: every draw changes which sharded parameters train.
-    A resume under FSDP2 was measured to differ from the uninterrupted run (0.017 after one step): refused."""
-    first = run(tmp_path / "first", callbacks="sample", max_steps=7, save_every=3)
+    The checkpoint at step 4 is written before the draw due then (draws happen as a step starts): FSDP2's loader
+    refused one that held the freshly drawn blocks without optimizer state. (It resumes at an epoch end, 4 steps
+    here: a mid-epoch resume with a plain DataLoader is not exact in Lightning, with or without this package.)"""
+    first = run(tmp_path / "first", callbacks="sample", max_steps=7, save_every=4)
     ddp = run(tmp_path / "ddp", strategy="ddp", callbacks="sample", max_steps=7)
     assert first["draws"] == ddp["draws"] and len(first["draws"]) == 4 and len(set(map(tuple, first["draws"]))) > 1
     assert max_diff(first["state"], ddp["state"]) < 1e-5
     assert first["optimizer_state_numel"] == ddp["optimizer_state_numel"] == 2 * first["trainable_numel"]
-    with pytest.raises(AssertionError, match=r"resuming layer-wise sampling .* under FSDP2 .* is not supported"):
-        run(tmp_path / "resumed", callbacks="sample", max_steps=7,
-            ckpt_path=str(tmp_path / "first" / "ckpt" / "epoch=0-step=3.ckpt"))
+    resumed = run(tmp_path / "resumed", callbacks="sample", max_steps=7,
+                  ckpt_path=str(tmp_path / "first" / "ckpt" / "epoch=0-step=4.ckpt"))
+    assert resumed["draws"] == first["draws"]
+    assert max_diff(resumed["state"], first["state"]) == 0.0
 
 
 @pytest.mark.parametrize(

@@ -201,6 +201,7 @@ class LayerFreezeCallback(Callback):
         self.depth_events: list[DepthEvent] = []  # read by DepthEfficiencyMonitor
         self._last_decision_step: int | None = None
         self._draws = 0  # LISA draws made
+        self._pending: str | None = None  # a choice a removal made due, taken as the next step starts
         self._calibrated: dict[int, float] = {}  # BI measured at fit start, by original block (a LISA weight)
         # bound to one fit (on_fit_start)
         self._monitor: BlockInfluenceMonitor | None = None
@@ -254,13 +255,19 @@ class LayerFreezeCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._steps.batch_started(trainer)
+        # Choices that make blocks trainable again are taken as a step starts, never right before a checkpoint: a
+        # checkpoint then never holds a trainable parameter without optimizer state (FSDP2's loader refuses one).
+        if self.frozen_blocks is not None and (self._pending or self._decision_due(trainer.global_step)):
+            scores, source = (self._surviving_scores(), self._pending) if self._pending else self._decision_input(trainer)
+            self._pending = None
+            self._decide(trainer, pl_module, scores, source)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if not self._steps.stepped(trainer):
             return
-        if self._decision_due(trainer.global_step):
+        if self.frozen_blocks is None and self._decision_due(trainer.global_step):  # the end of the warm-up
             self._decide(trainer, pl_module, *self._decision_input(trainer))
         self._log(trainer, pl_module)
 
@@ -282,6 +289,7 @@ class LayerFreezeCallback(Callback):
             "frozen_blocks": self.frozen_blocks,
             "last_decision_step": self._last_decision_step,
             "draws": self._draws,
+            "pending": self._pending,
             "calibrated": self._calibrated,
             "record": self.record,
             "history": self.history,
@@ -293,6 +301,7 @@ class LayerFreezeCallback(Callback):
         self.frozen_blocks = None if blocks is None else [int(i) for i in blocks]
         self._last_decision_step = state_dict.get("last_decision_step")
         self._draws = int(state_dict.get("draws", 0))
+        self._pending = state_dict.get("pending")
         self._calibrated = {int(k): float(v) for k, v in state_dict.get("calibrated", {}).items()}
         self.record = dict(state_dict.get("record", {}))
         self.history = list(state_dict.get("history", []))
@@ -304,12 +313,6 @@ class LayerFreezeCallback(Callback):
         state = checkpoint.get("callbacks", {}).get(self.state_key)
         if state is None or not trainer.strategy.restore_checkpoint_after_setup:
             return
-        if self.sampling is not None:  # measured: the resumed run's next steps differ (tests/test_fsdp2.py)
-            raise RuntimeError(
-                "LayerFreezeCallback: resuming layer-wise sampling (`resample_every_n_steps`) under FSDP2"
-                f" ({type(trainer.strategy).__name__}) is not supported: the resumed run would not equal the"
-                " uninterrupted one. Resume this checkpoint under DDP, or start the run again without `ckpt_path`."
-            )
         self.load_state_dict(state)  # Lightning loads the same again later
         self._follow_removals(trainer, trainer.lightning_module)  # a pruner rebuilt the pruned model just before
         if self.frozen_blocks is not None:
@@ -337,8 +340,7 @@ class LayerFreezeCallback(Callback):
             if self.sampling is None:
                 rank_zero_warn(f"LayerFreezeCallback: the removal of blocks {original_layers} left no trainable block;"
                                " the frozen set is chosen again from the last scores of the blocks left.")
-            self._decide(trainer, pl_module, self._surviving_scores(), "resampling" if self.sampling else "removal")
-            return
+            self._pending = "resampling" if self.sampling else "removal"  # before the next step
         self._apply(trainer, pl_module, self._positions(self.frozen_blocks))
         self.record.update(frozen_blocks=list(self.frozen_blocks), trainable_blocks=self.trainable_blocks,
                            original_indices=original_indices(self._stack))  # type: ignore[arg-type]
@@ -346,9 +348,10 @@ class LayerFreezeCallback(Callback):
     def _surviving_scores(self) -> Tensor | None:
         """The last decision's scores of the blocks that exist now (``None`` when it had none: uniform sampling)."""
         assert self._stack is not None
-        if not self.record.get("scores"):
+        last = self.history[-1] if self.history else {}  # as decided (the record follows removals since)
+        if not last.get("scores"):
             return None
-        by_original = dict(zip(self.record["original_indices"], self.record["scores"], strict=True))
+        by_original = dict(zip(last["original_indices"], last["scores"], strict=True))
         return torch.tensor([by_original[o] for o in original_indices(self._stack)], dtype=torch.float64)
 
     def _follow_removals(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
