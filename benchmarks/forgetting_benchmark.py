@@ -13,13 +13,14 @@ forgetting on modern English prose the runs never see (CPython's licence and doc
 * ``random``        the same count of blocks chosen at random (``--seeds``);
 * ``position``      the first half of the blocks frozen (the classic "freeze the bottom");
 * ``lora``          LoRA (r=8, alpha=16) on every projection of every block, nothing else trains;
-* ``lisa``          LISA-style layer-wise sampling: ``--lisa-blocks`` blocks trainable at a time, resampled every
-                    ``--lisa-every`` steps, uniformly (``--seeds``); embeddings/head/norm frozen as for ``bi``;
-* ``lisa_bi``       the same, sampling low-BI blocks more often (probability proportional to 1/BI).
+* ``lisa``          LISA-style layer-wise sampling, ``LayerFreezeCallback(num_trainable=--lisa-blocks,
+                    resample_every_n_steps=--lisa-every, seed=...)``: that many blocks trainable at a time, drawn
+                    again uniformly every that many steps (``--seeds``); embeddings/head/norm frozen as for ``bi``;
+* ``lisa_bi``       the same with ``sampling="low_bi"``: low-BI blocks drawn more often (probability 1/BI).
 
 The report: the out-of-domain curve over steps, each method's final in-domain and out-of-domain perplexity, the
 out-of-domain perplexity at the in-domain gain of the weakest method (interpolated on each curve: forgetting at equal
-gain), trainable parameters, optimizer-state bytes and median step time as ratios to full fine-tuning (the runs
+gain), trainable parameters, optimizer-state bytes (the peak over the run) and median step time as ratios to full fine-tuning (the runs
 follow each other in one process; the step times are medians of each run). A picture of the trade-off curves is
 written next to the JSON.
 
@@ -56,7 +57,6 @@ from lp_callbacks.callbacks.layer_freeze import LayerFreezeCallback  # noqa: E40
 from lp_callbacks.evaluation import PerplexityProtocol, perplexity  # noqa: E402
 from lp_callbacks.freezing import optimizer_state_bytes  # noqa: E402
 from lp_callbacks.harness.module import CausalLMModule  # noqa: E402
-from lp_callbacks.surgery import drop_optimizer_params  # noqa: E402
 
 METHODS = ("full", "blocks", "bi", "random", "position", "lora", "lisa", "lisa_bi")
 SEEDED = ("random", "lisa", "lisa_bi")
@@ -109,49 +109,14 @@ class Evaluator(pl.Callback):
         self.measure(trainer, pl_module)
 
 
-class LayerwiseSampling(pl.Callback):
-    """LISA-style: ``count`` blocks trainable at a time, resampled every ``every`` steps with probabilities
-    ``weights`` (uniform when ``None``); the other blocks, the embeddings/head and the final norm stay frozen and
-    leave the optimizer (``drop_optimizer_params`` with the configured layout: a block sampled again starts with
-    fresh state)."""
+class PeakOptimizerState(pl.Callback):
+    """The most optimizer-state bytes held after any optimizer step (LISA's state comes and goes with its draws)."""
 
-    def __init__(self, count: int, every: int, seed: int, weights: list[float] | None = None) -> None:
-        self.count, self.every, self.rng, self.weights = count, every, random.Random(seed), weights
-        self.samples: list[list[int]] = []
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        model = pl_module.model
-        self.blocks = [list(b.parameters()) for b in model.model.layers]
-        in_blocks = {id(p) for ps in self.blocks for p in ps}
-        self.fixed = [p for p in model.parameters() if id(p) not in in_blocks]
-        self.layout = [[list(g["params"]) for g in opt.param_groups] for opt in trainer.optimizers]
-        self._resample(trainer)
+    def __init__(self) -> None:
+        self.peak = 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step % self.every == 0:
-            self._resample(trainer)
-
-    def _resample(self, trainer) -> None:
-        population = range(len(self.blocks))
-        if self.weights is None:
-            chosen = self.rng.sample(population, self.count)
-        else:  # weighted sampling without replacement
-            chosen, weights = [], list(self.weights)
-            for _ in range(self.count):
-                i = self.rng.choices(population, weights=weights)[0]
-                chosen.append(i)
-                weights[i] = 0.0
-        self.samples.append(sorted(chosen))
-        frozen = list(self.fixed) + [p for i in population if i not in chosen for p in self.blocks[i]]
-        for i in population:
-            for p in self.blocks[i]:
-                p.requires_grad_(i in chosen)
-                if i not in chosen:
-                    p.grad = None
-        for p in self.fixed:
-            p.requires_grad_(False)
-        for optimizer, layout in zip(trainer.optimizers, self.layout, strict=True):
-            drop_optimizer_params(optimizer, frozen, layout)
+        self.peak = max(self.peak, optimizer_state_bytes(trainer.optimizers))
 
 
 def calibration_bi(data: dict[str, torch.Tensor]) -> list[float]:
@@ -179,9 +144,10 @@ def build(method: str, seed: int, bi: list[float], args: argparse.Namespace, num
         targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
         return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.0)), []
     if method == "lisa":
-        return model, [LayerwiseSampling(args.lisa_blocks, args.lisa_every, seed)]
+        return model, [LayerFreezeCallback(num_trainable=args.lisa_blocks, resample_every_n_steps=args.lisa_every, seed=seed)]
     if method == "lisa_bi":
-        return model, [LayerwiseSampling(args.lisa_blocks, args.lisa_every, seed, weights=[1.0 / max(b, 1e-6) for b in bi])]
+        return model, [LayerFreezeCallback(num_trainable=args.lisa_blocks, resample_every_n_steps=args.lisa_every, seed=seed,
+                                           sampling="low_bi", scores=bi)]
     raise ValueError(f"`--methods` must be among {METHODS}, got {method!r}")
 
 
@@ -190,9 +156,10 @@ def run(method: str, seed: int, data: dict[str, torch.Tensor], bi: list[float], 
     model, _ = real_model()
     num_layers = len(model.model.layers)
     model, callbacks = build(method, seed, bi, args, num_layers, model)
-    evaluator, timer = Evaluator(data, args.eval_every), StepTimer()
+    evaluator, timer, peak = Evaluator(data, args.eval_every), StepTimer(), PeakOptimizerState()
     trainer = pl.Trainer(max_steps=args.steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[*callbacks, evaluator, timer])
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[*callbacks, evaluator, timer, peak])
     module = CausalLMModule(model, lr=args.lr)
     trainer.fit(module, DataLoader(Blocks(data["train"]), batch_size=args.batch_size))
     step_times = [t for s, t in zip(timer.steps, timer.times) if s >= 2 and s % args.eval_every != args.eval_every - 1]
@@ -200,13 +167,14 @@ def run(method: str, seed: int, data: dict[str, torch.Tensor], bi: list[float], 
         "method": method, "seed": seed, "curve": evaluator.curve,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),  # at the end
         "optimizer_state_bytes": optimizer_state_bytes(trainer.optimizers),
+        "optimizer_state_peak_bytes": peak.peak,
         "step_time": statistics.median(step_times or timer.times),
     }
     for cb in callbacks:
         if isinstance(cb, LayerFreezeCallback):
             result["frozen_blocks"] = cb.frozen_blocks
-        if isinstance(cb, LayerwiseSampling):
-            result["samples"] = cb.samples
+            if cb.sampling:
+                result["samples"] = [h["trainable_blocks"] for h in cb.history]
     end = evaluator.curve[-1]
     print(f"[{method} seed {seed}] in-domain {end['in_domain']:.2f}, out-of-domain {end['out_of_domain']:.2f},"
           f" step {result['step_time']:.2f} s", flush=True)
@@ -248,11 +216,16 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
             m, len(rs), spread([r["curve"][-1]["in_domain"] for r in rs]), spread([r["curve"][-1]["out_of_domain"] for r in rs]),
             spread([a for a in at if a is not None]) if any(a is not None for a in at) else "-",
             f"{statistics.mean(r['trainable_params'] for r in rs) / full['trainable_params']:.3f}",
-            f"{statistics.mean(r['optimizer_state_bytes'] for r in rs) / max(full['optimizer_state_bytes'], 1):.3f}",
+            f"{statistics.mean(_peak(r) for r in rs) / max(_peak(full), 1):.3f}",
             f"{statistics.mean(r['step_time'] for r in rs) / full['step_time']:.3f}",
         ])
     print(table(["method", "runs", "in-domain ppl", "out-of-domain ppl", "out-of-domain at equal gain",
-                 "trainable params", "optimizer state", "step time"], rows))
+                 "trainable params", "optimizer state (peak)", "step time"], rows))
+
+
+def _peak(result: dict[str, Any]) -> int:
+    """The peak optimizer state of a run (runs saved before it was measured: their state at the end)."""
+    return result.get("optimizer_state_peak_bytes") or result["optimizer_state_bytes"]
 
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:
