@@ -39,7 +39,16 @@ import torch
 from torch import Tensor, nn
 
 from lp_callbacks.distillation import kl_per_position, next_token_targets
-from lp_callbacks.measure import _model_inputs, _progress, _takes_position_ids
+from lp_callbacks.inference import (
+    device_of,
+    evaluating,
+    logits_of,
+    model_inputs,
+    no_autocast,
+    progress,
+    takes_position_ids,
+    token_nll,
+)
 from lp_callbacks.validation import check_int
 
 __all__ = [
@@ -51,57 +60,6 @@ __all__ = [
     "task_dir",
     "teacher_agreement",
 ]
-
-
-# ----------------------------------------------------------------------------------------------- shared helpers
-def _device(model: nn.Module) -> torch.device:
-    """Where ``model`` takes its inputs (HF's ``model.device``: its first parameter's device)."""
-    device = getattr(model, "device", None)
-    if isinstance(device, torch.device):
-        return device
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
-@contextlib.contextmanager
-def _evaluating(*models: nn.Module) -> Iterator[None]:
-    """Eval mode and no grad inside; each model's train/eval mode as it was afterwards (also on error)."""
-    modes = [(m, m.training) for m in models]
-    try:
-        for m, _ in modes:
-            m.eval()
-        with torch.no_grad():
-            yield
-    finally:
-        for m, was_training in modes:
-            m.train(was_training)
-
-
-def _logits(model: nn.Module, inputs: Mapping[str, Tensor]) -> Tensor:
-    out = model(**inputs, use_cache=False)
-    logits = out.logits if hasattr(out, "logits") else out[0] if isinstance(out, (tuple, list)) else out
-    if not isinstance(logits, Tensor) or logits.dim() != 3:
-        raise TypeError(
-            "the model must return (batch, seq_len, vocab) logits (an HF causal LM output or a tensor), got"
-            f" {type(out).__name__}."
-        )
-    return logits
-
-
-def _compute_dtype(logits: Tensor) -> torch.dtype:
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
-
-
-def _nll(rows: Tensor, targets: Tensor) -> Tensor:
-    """``-log softmax(rows)[target]`` per row ``(N, V) -> (N,)``, in fp32 (fp64 for fp64 rows)."""
-    x = rows.to(_compute_dtype(rows))
-    return x.logsumexp(-1) - x.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-
-
-def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    return torch.autocast(device_type=device.type, enabled=False)
 
 
 # ----------------------------------------------------------------------------------------------- 1. teacher agreement
@@ -150,15 +108,15 @@ def teacher_agreement(
     """
     check_int("max_batches", max_batches, minimum=1, allow_none=True)
     check_int("chunk_size", chunk_size, minimum=1)
-    s_device, t_device = _device(student), _device(teacher)
-    s_pos, t_pos = _takes_position_ids(student), _takes_position_ids(teacher)
+    s_device, t_device = device_of(student), device_of(teacher)
+    s_pos, t_pos = takes_position_ids(student), takes_position_ids(teacher)
     kl = s_nll = t_nll = 0.0
     agree = s_correct = t_correct = tokens = num_batches = 0
-    with _evaluating(student, teacher):
-        for batch in _progress(batches, max_batches, "teacher agreement"):
-            s_inputs = _model_inputs(batch, s_device, s_pos)
-            s_logits = _logits(student, s_inputs)
-            t_logits = _logits(teacher, _model_inputs(batch, t_device, t_pos))
+    with evaluating(student, teacher):
+        for batch in progress(batches, max_batches, "teacher agreement"):
+            s_inputs = model_inputs(batch, s_device, s_pos)
+            s_logits = logits_of(student, s_inputs)
+            t_logits = logits_of(teacher, model_inputs(batch, t_device, t_pos))
             num_batches += 1
             if s_logits.shape != t_logits.shape:
                 raise ValueError(
@@ -174,7 +132,7 @@ def teacher_agreement(
             rows = mask.reshape(-1).nonzero().squeeze(-1)
             flat_targets = targets.reshape(-1)
             sums = torch.zeros(6, dtype=torch.float64, device=s_device)  # kl, agree, s_nll, t_nll, s_ok, t_ok
-            with _no_autocast(s_device):
+            with no_autocast(s_device):
                 for chunk in rows.split(chunk_size):
                     s_rows = s_flat.index_select(0, chunk)
                     t_rows = t_flat.index_select(0, chunk.to(t_device)).to(s_device)
@@ -183,8 +141,8 @@ def teacher_agreement(
                     sums += torch.stack([
                         kl_per_position(s_rows, t_rows).sum().double(),
                         (s_top == t_top).sum().double(),
-                        _nll(s_rows, y).sum().double(),
-                        _nll(t_rows, y).sum().double(),
+                        token_nll(s_rows, y).sum().double(),
+                        token_nll(t_rows, y).sum().double(),
                         (s_top == y).sum().double(),
                         (t_top == y).sum().double(),
                     ])
@@ -336,13 +294,13 @@ def perplexity(
             f"`protocol.seq_len` must be <= the model's max_position_embeddings={limit}, got {protocol.seq_len}."
         )
     windows = protocol.windows(ids.numel())
-    device = _device(model)
+    device = device_of(model)
     ids = ids.to(device)
     groups: dict[int, list[tuple[int, int, int]]] = {}
     for window in windows:  # equal lengths batch together (all but possibly the last window)
         groups.setdefault(window[1] - window[0], []).append(window)
     total, tokens = 0.0, 0
-    with _evaluating(model):
+    with evaluating(model):
         for length, group in groups.items():
             for start in range(0, len(group), batch_size):
                 part = group[start : start + batch_size]
@@ -352,14 +310,14 @@ def perplexity(
                     scored[row, first - b - 1 : length - 1] = True  # logits at t predict token t + 1
                 targets = torch.zeros_like(inputs)
                 targets[:, :-1] = inputs[:, 1:]
-                logits = _logits(model, {"input_ids": inputs, "attention_mask": torch.ones_like(inputs)})
+                logits = logits_of(model, {"input_ids": inputs, "attention_mask": torch.ones_like(inputs)})
                 flat = logits.reshape(-1, logits.shape[-1])
                 rows = scored.reshape(-1).nonzero().squeeze(-1)
                 flat_targets = targets.reshape(-1)
                 batch_total = torch.zeros((), dtype=torch.float64, device=device)
-                with _no_autocast(device):
+                with no_autocast(device):
                     for chunk in rows.split(chunk_size):
-                        batch_total += _nll(flat.index_select(0, chunk), flat_targets.index_select(0, chunk)).sum().double()
+                        batch_total += token_nll(flat.index_select(0, chunk), flat_targets.index_select(0, chunk)).sum().double()
                 total += float(batch_total)
                 tokens += int(rows.numel())
                 del logits, flat
@@ -380,7 +338,7 @@ def _prompt_ids(prompt: Any, tokenizer: Any, index: int) -> Tensor:
 
 
 def _greedy(model: nn.Module, ids: Tensor, max_new_tokens: int, pad_token_id: int | None) -> list[int]:
-    device = _device(model)
+    device = device_of(model)
     prompt = ids.to(device).unsqueeze(0)
     kwargs: dict[str, Any] = dict(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
                                   attention_mask=torch.ones_like(prompt), temperature=None, top_p=None, top_k=None)
@@ -439,7 +397,7 @@ def generation_agreement(
     encoded = [_prompt_ids(p, tokenizer, i) for i, p in enumerate(prompts)]
     pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
     student_tokens, teacher_tokens = [], []
-    with _evaluating(student, teacher):
+    with evaluating(student, teacher):
         for ids in encoded:
             student_tokens.append(_greedy(student, ids, max_new_tokens, pad))
             teacher_tokens.append(_greedy(teacher, ids, max_new_tokens, pad))

@@ -13,8 +13,6 @@ Example:
 
 from __future__ import annotations
 
-import inspect
-import itertools
 import math
 import operator
 from collections.abc import Collection, Iterable, Mapping
@@ -25,6 +23,17 @@ import torch
 from torch import Tensor, nn
 
 from lp_callbacks.architectures import DecoderStack, decoder_stack
+from lp_callbacks.distillation import kl_per_position, next_token_targets
+from lp_callbacks.inference import (
+    device_of,
+    evaluating,
+    logits_of,
+    model_inputs,
+    no_autocast,
+    progress,
+    takes_position_ids,
+    token_nll,
+)
 from lp_callbacks.recorder import BlockInfluenceRecorder, _hidden_from_args
 from lp_callbacks.selection import lowest_scores
 from lp_callbacks.validation import check_int
@@ -41,58 +50,6 @@ class DepthMeasurement:
     angular_distances: dict[int, Tensor] = field(default_factory=dict)  # n -> (L - n + 1,) float64
     tokens: int = 0
     skipped_tokens: int = 0
-
-
-def _progress(batches: Iterable, limit: int | None, desc: str) -> Iterable:
-    """The first ``limit`` of ``batches`` under a tqdm bar on an interactive terminal (silent in logs and CI, like
-    tqdm's ``disable=None``)."""
-    from tqdm.auto import tqdm
-
-    try:
-        total = min(len(batches), limit) if limit is not None else len(batches)  # type: ignore[arg-type]
-    except TypeError:  # an iterable without len
-        total = limit
-    return tqdm(itertools.islice(batches, limit), total=total, desc=desc, leave=False, disable=None)
-
-
-def _model_inputs(batch: Mapping[str, Tensor], device: torch.device, position_ids: bool = False) -> dict[str, Tensor]:
-    """The keyword arguments of the runner's forward for one calibration batch, on ``device``.
-
-    Args:
-        batch: a dict with ``input_ids`` ``(B, T)`` and optionally ``attention_mask`` and ``position_ids``.
-        device: where the model lives.
-        position_ids: whether the runner's forward takes ``position_ids``. If so, they are the batch's own, or,
-            with an ``attention_mask``, derived from it as HF generation does (the first real token of every row
-            is at position 0), so left padding does not shift absolute (learned) position embeddings.
-
-    Returns:
-        ``input_ids``, and ``attention_mask`` and ``position_ids`` where available.
-
-    Raises:
-        TypeError: ``batch`` is not a dict with ``input_ids``.
-    """
-    if not isinstance(batch, Mapping) or "input_ids" not in batch:
-        found = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
-        raise TypeError(f"each batch must be a dict with 'input_ids' (and optionally 'attention_mask'), got {found}.")
-    inputs = {"input_ids": batch["input_ids"].to(device)}
-    mask = batch.get("attention_mask")
-    if mask is not None:
-        inputs["attention_mask"] = mask = mask.to(device)
-    if position_ids:
-        if batch.get("position_ids") is not None:
-            inputs["position_ids"] = batch["position_ids"].to(device)
-        elif mask is not None:
-            positions = mask.long().cumsum(-1) - 1
-            inputs["position_ids"] = positions.masked_fill_(mask == 0, 1)
-    return inputs
-
-
-def _takes_position_ids(runner: nn.Module) -> bool:
-    """Whether ``runner.forward`` names a ``position_ids`` parameter (a bare ``**kwargs`` does not count)."""
-    try:
-        return "position_ids" in inspect.signature(runner.forward).parameters
-    except (TypeError, ValueError):  # no signature to read (e.g. some C-implemented or scripted forwards)
-        return False
 
 
 def _runner(stack: DecoderStack) -> nn.Module:
@@ -113,20 +70,20 @@ def calibration_pass(
     calibration loop, shared by :func:`measure_depth` and the callbacks (which read the recorder after it).
 
     Only the module that runs the blocks is called (``LlamaModel``, not ``LlamaForCausalLM``), so no LM head and no
-    ``(B, T, vocab)`` logits are computed; ``position_ids`` are derived from the mask (see :func:`_model_inputs`).
-    The model's train/eval mode is restored afterwards.
+    ``(B, T, vocab)`` logits are computed; ``position_ids`` are derived from the mask (see
+    :func:`~lp_callbacks.inference.model_inputs`). The model's train/eval mode is restored afterwards.
     """
     check_int("max_batches", max_batches, minimum=1, allow_none=True)
     model = recorder.stack.root
     runner = _runner(recorder.stack)
     device = next(model.parameters()).device
-    position_ids = _takes_position_ids(runner)
+    position_ids = takes_position_ids(runner)
     was_training = model.training
     model.eval()
     try:
         with recorder.recording(), torch.no_grad():
-            for batch in _progress(batches, max_batches, desc):
-                runner(**_model_inputs(batch, device, position_ids), use_cache=False)
+            for batch in progress(batches, max_batches, desc):
+                runner(**model_inputs(batch, device, position_ids), use_cache=False)
     finally:
         model.train(was_training)
 
@@ -295,9 +252,6 @@ def block_ablation(
         ValueError: a position is out of range or repeated, ``blocks`` and ``skipped`` overlap, an ablation would
             leave no block, or no position counted.
     """
-    from lp_callbacks.distillation import kl_per_position, next_token_targets
-    from lp_callbacks.evaluation import _device, _evaluating, _logits, _nll, _no_autocast
-
     check_int("max_batches", max_batches, minimum=1, allow_none=True)
     check_int("chunk_size", chunk_size, minimum=1)
     stack = decoder_stack(model, layers_path)
@@ -310,33 +264,33 @@ def block_ablation(
     if len(skipped) + 1 >= num_layers:
         raise ValueError(f"ablating a block with `skipped`={skipped} would leave none of the model's {num_layers} blocks.")
     root = stack.root
-    device, takes_positions = _device(root), _takes_position_ids(root)
+    device, takes_positions = device_of(root), takes_position_ids(root)
     off: set[int] = set()  # the blocks the hooks skip in the current pass
     handles = [layer.register_forward_hook(_skip_hook(i, off), with_kwargs=True) for i, layer in enumerate(stack.layers)]
     sums = torch.zeros(num_layers + 1, 3, dtype=torch.float64, device=device)  # kl, nll, agree; last row: reference
     tokens = num_batches = 0
     try:
-        with _evaluating(root):
-            for batch in _progress(batches, max_batches, "block ablation"):
-                inputs = _model_inputs(batch, device, takes_positions)
+        with evaluating(root):
+            for batch in progress(batches, max_batches, "block ablation"):
+                inputs = model_inputs(batch, device, takes_positions)
                 labels = batch.get("labels")
                 labels = labels.to(device) if labels is not None else None
                 mask, targets = next_token_targets(inputs["input_ids"], labels, inputs.get("attention_mask"))
                 targets = targets.reshape(-1)
                 chunks = mask.reshape(-1).nonzero().squeeze(-1).split(chunk_size)
                 off.clear()
-                reference = _logits(root, inputs)
+                reference = logits_of(root, inputs)
                 reference = reference.reshape(-1, reference.shape[-1])
                 for i in [*blocks, num_layers]:  # the ablated passes, then the reference's own loss
                     off.clear()
                     off.update(skipped, (i,))
-                    logits = _logits(root, inputs) if i < num_layers else reference
+                    logits = logits_of(root, inputs) if i < num_layers else reference
                     logits = logits.reshape(-1, logits.shape[-1])
-                    with _no_autocast(device):
+                    with no_autocast(device):
                         for chunk in chunks:
                             rows, ref = logits.index_select(0, chunk), reference.index_select(0, chunk)
                             sums[i] += torch.stack([kl_per_position(rows, ref).sum().double(),
-                                                    _nll(rows, targets.index_select(0, chunk)).sum().double(),
+                                                    token_nll(rows, targets.index_select(0, chunk)).sum().double(),
                                                     (rows.argmax(-1) == ref.argmax(-1)).sum().double()])
                     del logits
                 tokens += sum(int(chunk.numel()) for chunk in chunks)

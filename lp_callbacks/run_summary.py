@@ -3,6 +3,16 @@
 Pure functions of plain values (no Lightning, no torch): :func:`build_summary` assembles the dictionary,
 :func:`format_summary` renders the before/after table, :func:`write_summary` writes ``summary.json`` atomically.
 
+Control evaluations join the summary through one public method, the way depth events do through ``depth_events``
+(:mod:`lp_callbacks.events`): a callback that evaluates the model during fit
+(:class:`~lp_callbacks.callbacks.ControlEvaluationCallback`) has ``final_evaluations(trainer) -> list[dict]``, its
+evaluation records, oldest first, each with ``step``, ``when`` and numeric measures, the end-of-fit one included.
+A reader calls it from its own ``on_train_end``, which Lightning may run before the evaluator's (callbacks run in
+the order of ``trainer.callbacks``), so the method runs the final evaluation then if it has not run yet, once per
+fit. :func:`collect_evaluations` asks every callback that has the method; :func:`evaluation_section` makes the
+summary's ``"control_evaluation"`` entry of each: every measure at the first record ("before": fit start) and at
+the last ("after": fit end), and every record (one after each depth event).
+
 Example:
     >>> perplexity(0.0)
     1.0
@@ -15,11 +25,12 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SUMMARY_FILE", "build_summary", "finite_or_none", "format_summary", "perplexity", "write_summary"]
+__all__ = ["SUMMARY_FILE", "build_summary", "collect_evaluations", "evaluation_section", "finite_or_none",
+           "format_summary", "perplexity", "write_summary"]
 
 SUMMARY_FILE = "summary.json"
 
@@ -59,6 +70,7 @@ def build_summary(
     totals: Mapping[str, float],
     events: Sequence[Mapping[str, Any]],
     files: Mapping[str, str | os.PathLike[str]],
+    evaluations: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
 ) -> dict[str, Any]:
     """The run summary: "before" from ``baseline`` (the model at the first training batch), "after" from
     ``last_metrics`` (the last values logged, keys ``<prefix>/<name>``); means are ``totals`` over the run.
@@ -76,6 +88,8 @@ def build_summary(
         totals: ``tokens``, ``time`` (seconds) and optimizer ``steps`` over the run.
         events: the event records (``DepthEfficiencyMonitor.events``).
         files: ``{name: path}`` of the pictures written.
+        evaluations: ``{source: records}`` of the control evaluations (:func:`collect_evaluations`); when there is
+            any, the summary holds ``"control_evaluation": {source: evaluation_section(records)}``.
     """
     base = baseline or {}
 
@@ -86,6 +100,7 @@ def build_summary(
         return {"before": base.get(key), "after": now(key)}
 
     time_total, tokens_total = totals["time"], totals["tokens"]
+    control = {source: evaluation_section(records) for source, records in (evaluations or {}).items() if records}
     return {
         "step": step,
         "logged_step": logged_step,
@@ -107,6 +122,41 @@ def build_summary(
         "events": list(events),
         "metrics": dict(last_metrics),
         "files": {name: str(path) for name, path in files.items()},
+        **({"control_evaluation": control} if control else {}),
+    }
+
+
+def collect_evaluations(callbacks: Iterable[object], trainer: Any) -> dict[str, list[dict[str, Any]]]:
+    """``{class name: records}`` of every callback with a ``final_evaluations(trainer)`` method (the protocol of
+    this module's docstring), each record a plain copy; call it at the end of fit."""
+    found: dict[str, list[dict[str, Any]]] = {}
+    for callback in callbacks:
+        final = getattr(callback, "final_evaluations", None)
+        if callable(final):
+            found[type(callback).__name__] = [dict(record) for record in final(trainer)]
+    return found
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def evaluation_section(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The summary entry of one evaluator's records (oldest first, at least one): the ``step`` of the first and of
+    the last record, each measure (a number other than ``step`` and ``tokens``) in them as ``{"before": first,
+    "after": last}`` (``None`` where a record lacks it), and the records themselves under ``"evaluations"``.
+
+    Example:
+        >>> records = [{"step": 0, "when": "start", "kl": 0.0}, {"step": 8, "when": "end", "kl": 0.3}]
+        >>> evaluation_section(records)["measures"]
+        {'kl': {'before': 0.0, 'after': 0.3}}
+    """
+    first, last = records[0], records[-1]
+    names = dict.fromkeys(k for r in records for k, v in r.items() if _is_number(v) and k not in ("step", "tokens"))
+    return {
+        "step": {"before": first.get("step"), "after": last.get("step")},
+        "measures": {name: {"before": first.get(name), "after": last.get(name)} for name in names},
+        "evaluations": [dict(r) for r in records],
     }
 
 
@@ -142,9 +192,19 @@ _ROWS = (
 )
 
 
+def _evaluation_lines(source: str, section: Mapping[str, Any]) -> list[str]:
+    """A header, then one row per measure indented under it: "before" (fit start), "after" (fit end), the change."""
+    steps = section["step"]
+    lines = [f"  control evaluation ({source}), step {steps['before']} -> {steps['after']}"]
+    for name, pair in section["measures"].items():
+        before, after = pair["before"], pair["after"]
+        lines.append(f"  {'  ' + name:<20}{_fmt(before, 'num'):>14}{_fmt(after, 'num'):>14}  {_change(before, after)}")
+    return lines
+
+
 def format_summary(summary: Mapping[str, Any], path: str | os.PathLike[str]) -> str:
     """The summary as a table: a 2-space indent, a 20-column label, then "before", "after" and the change; the
-    means; one line per event; the folder of ``path``."""
+    means; one line per event; the control evaluations' measures before and after; the folder of ``path``."""
     lines = [f"DepthEfficiencyMonitor summary at step {summary['step']}", f"  {'':<20}{'before':>14}{'after':>14}"]
     for label, key, kind in _ROWS:
         before, after = summary[key]["before"], summary[key]["after"]
@@ -156,6 +216,8 @@ def format_summary(summary: Mapping[str, Any], path: str | os.PathLike[str]) -> 
                          ("effective depth", summary["effective_depth"])):
         lines.append(f"  {label:<20}{'':>14}{_fmt(value, 'num'):>14}")
     lines.extend(_event_line(e) for e in summary["events"])
+    for source, section in summary.get("control_evaluation", {}).items():
+        lines.extend(_evaluation_lines(source, section))
     lines.append(f"  written to {Path(path).parent}")
     return "\n".join(lines)
 

@@ -7,6 +7,8 @@ Example:
     ValueError: `every_n_steps` must be an int >= 1, got 0.
     >>> check_fraction("fraction", 0.25)
     0.25
+    >>> check_dtype("dtype", "bfloat16")
+    torch.bfloat16
 """
 
 from __future__ import annotations
@@ -15,7 +17,12 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["check_amount", "check_bool", "check_fraction", "check_int", "check_number"]
+import torch
+
+__all__ = ["DTYPE_NAMES", "check_amount", "check_bool", "check_dtype", "check_fraction", "check_int", "check_number"]
+
+#: The dtype names an error message suggests; any floating dtype's name as torch spells it is taken (``"half"``).
+DTYPE_NAMES: tuple[str, ...] = ("float32", "bfloat16", "float16", "float64")
 
 
 def check_int(name: str, value: Any, minimum: int = 0, allow_none: bool = False) -> Any:
@@ -66,6 +73,20 @@ def check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"`{name}` must be True or False, got {value!r}.")
     return value
+
+
+def check_dtype(name: str, value: Any, allow_none: bool = False) -> Any:
+    """The floating ``torch.dtype`` that ``value`` is or names (``torch.bfloat16`` or ``"bfloat16"``: the name of a
+    ``torch`` attribute), or ``None`` when allowed; an integer or complex dtype is refused."""
+    if allow_none and value is None:
+        return value
+    resolved = getattr(torch, value, None) if isinstance(value, str) else value
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        extra = " or None" if allow_none else ""
+        raise ValueError(
+            f"`{name}` must be a floating torch.dtype or its name ({', '.join(DTYPE_NAMES)}){extra}, got {value!r}."
+        )
+    return resolved
 
 
 def check_amount(amounts: Mapping[str, Any], what: str) -> tuple[str, Any]:

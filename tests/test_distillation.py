@@ -228,7 +228,7 @@ def test_a_given_teacher_module_of_another_depth_cannot_align_hidden_states(tmp_
         (dict(temperature=0.0), "`temperature`"),
         (dict(top_k=0), "`top_k`"),
         (dict(hidden_weight=-1.0), "`hidden_weight`"),
-        (dict(teacher_dtype="int8"), "`teacher_dtype` must be one of"),
+        (dict(teacher_dtype="int8"), "`teacher_dtype` must be a floating torch.dtype .* or None, got 'int8'"),
         (dict(chunk_size=0), "`chunk_size`"),
     ],
 )

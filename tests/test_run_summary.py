@@ -5,11 +5,22 @@ from __future__ import annotations
 import json
 import math
 
-from lp_callbacks.run_summary import SUMMARY_FILE, build_summary, format_summary, perplexity, write_summary
+from lp_callbacks.run_summary import (
+    SUMMARY_FILE,
+    build_summary,
+    collect_evaluations,
+    evaluation_section,
+    format_summary,
+    perplexity,
+    write_summary,
+)
 
 LAST = {"depth/num_layers": 4.0, "depth/params_total": 900.0, "depth/params_trainable": 800.0,
         "depth/flops_per_token": 1.5e6, "depth/peak_memory_bytes": 3.0 * 2**20, "depth/effective_depth": 2.5}
 BASELINE = {"num_layers": 6, "params_total": 1000, "params_trainable": 1000, "flops_per_token": 2.0e6, "seq_len": 16}
+CONTROL = [{"step": 0, "when": "start", "kl": 0.0, "top1_agreement": 1.0, "tokens": 60},
+           {"step": 3, "when": "after prune [2, 3]", "kl": 0.25, "top1_agreement": 0.8, "tokens": 60, "acc": 0.3},
+           {"step": 10, "when": "end", "kl": 0.125, "top1_agreement": 0.75, "tokens": 60, "acc": 0.5}]
 EVENT = {"step": 3, "kind": "prune", "original_layers": [2, 3], "scores": [], "detail": "", "source": "P",
          "loss_before": 2.0, "loss_after": 2.5, "recovery_steps": 4, "status": "recovered"}
 
@@ -55,3 +66,42 @@ def test_write_summary_is_strict_json(tmp_path):
 
 def test_perplexity_overflow_and_none():
     assert perplexity(1e6) == math.inf and perplexity(None) is None
+
+
+def test_evaluation_section_is_first_and_last_record_and_every_record():
+    section = evaluation_section(CONTROL)
+    assert section["step"] == {"before": 0, "after": 10}
+    assert section["measures"] == {"kl": {"before": 0.0, "after": 0.125},
+                                   "top1_agreement": {"before": 1.0, "after": 0.75},
+                                   "acc": {"before": None, "after": 0.5}}  # not measured at the start: not made up
+    assert section["evaluations"] == CONTROL and section["evaluations"][0] is not CONTROL[0]
+
+
+def test_control_evaluations_in_the_summary_and_the_table(tmp_path):
+    assert "control_evaluation" not in _summary() and "control_evaluation" not in _summary(evaluations={"C": []})
+    assert "control evaluation" not in format_summary(_summary(), tmp_path / SUMMARY_FILE)
+    summary = _summary(evaluations={"ControlEvaluationCallback": CONTROL})
+    assert summary["control_evaluation"] == {"ControlEvaluationCallback": evaluation_section(CONTROL)}
+    lines = format_summary(summary, tmp_path / SUMMARY_FILE).splitlines()
+    start = lines.index("  control evaluation (ControlEvaluationCallback), step 0 -> 10")
+    assert lines[start - 1].startswith("  step 3: prune") and lines[-1] == f"  written to {tmp_path}"
+    table = {line[2:22].strip(): line[22:].split() for line in lines[start + 1:-1]}
+    assert table == {"kl": ["0", "0.125"], "top1_agreement": ["1", "0.75", "(-25.0%)"], "acc": ["-", "0.5"]}
+    data = json.loads(write_summary(summary, tmp_path).read_text())
+    assert data["control_evaluation"]["ControlEvaluationCallback"]["evaluations"] == CONTROL
+
+
+def test_collect_evaluations_asks_each_callback_that_has_the_method():
+    asked = []
+
+    class Evaluator:
+        def final_evaluations(self, trainer):
+            asked.append(trainer)
+            return CONTROL
+
+    class Other:
+        final_evaluations = None  # not a method: not a reader of the protocol
+
+    found = collect_evaluations([Other(), Evaluator(), object()], trainer="T")
+    assert found == {"Evaluator": CONTROL} and asked == ["T"]
+    assert found["Evaluator"][0] is not CONTROL[0]  # copies: the summary never aliases the callback's history

@@ -37,7 +37,9 @@ class ControlEvaluationCallback(Callback):
     logger as ``eval/<name>`` at the step, kept in :attr:`history`, printed as a table at the end, and written to
     ``<log_dir>/depth/control_evaluation.json`` and ``control_evaluation.png`` (every measure over steps, events
     marked). On rank zero only, with a progress bar on a terminal. Events are those any callback reports through
-    ``depth_events`` (pruning, freezing).
+    ``depth_events`` (pruning, freezing). A :class:`~lp_callbacks.callbacks.DepthEfficiencyMonitor` in the same
+    Trainer, before or after this callback, puts the measures at fit start and at fit end, and every evaluation, in
+    its run summary (:meth:`final_evaluations`, the protocol of :mod:`lp_callbacks.run_summary`).
 
     The reference is kept on the callback (never a submodule: not trained, not exported) and saved with its state,
     so a resumed run compares with the same model.
@@ -92,6 +94,7 @@ class ControlEvaluationCallback(Callback):
         self.output_dir, self.layers_path = output_dir, layers_path
         self.history: list[dict[str, Any]] = []  # one record per evaluation: step, when, measures
         self._seen: set[tuple] = set()  # depth events already evaluated after
+        self._finished = False  # the end-of-fit evaluation of this fit ran
         self._restored: dict[str, Any] | None = None
         self._student: nn.Module | None = None
 
@@ -100,7 +103,7 @@ class ControlEvaluationCallback(Callback):
         if stage == "fit":
             # rank zero evaluates alone: a sharded model would wait for the other ranks' shards
             check_strategy_supported(trainer, "ControlEvaluationCallback", fsdp2=False)
-            self.history, self._seen, self._restored = [], set(), None
+            self.history, self._seen, self._restored, self._finished = [], set(), None, False
             if self.source == "initial":
                 self.reference = None
 
@@ -127,7 +130,7 @@ class ControlEvaluationCallback(Callback):
             self.evaluate(trainer, "after " + ", ".join(f"{e.kind} {e.original_layers}" for _, e in new))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.evaluate(trainer, "end")
+        self.final_evaluations(trainer)
         if trainer.is_global_zero:
             directory = Path(self.output_dir) if self.output_dir else Path(trainer.log_dir or trainer.default_root_dir) / "depth"
             self.write(directory)
@@ -154,6 +157,17 @@ class ControlEvaluationCallback(Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         return record
+
+    def final_evaluations(self, trainer: pl.Trainer) -> list[dict[str, Any]]:
+        """:attr:`history` with the end-of-fit evaluation, which runs now if this fit has not run it yet (once a fit).
+
+        For the readers of :mod:`lp_callbacks.run_summary` (the depth monitor's summary), which call it from their
+        own ``on_train_end``: Lightning may run theirs before this callback's.
+        """
+        if not self._finished:
+            self._finished = True
+            self.evaluate(trainer, "end")
+        return list(self.history)
 
     def _tasks(self) -> dict[str, dict[str, Any]]:
         if not self.tasks:

@@ -27,7 +27,7 @@ from lp_callbacks.architectures import get_decoder_layers
 from lp_callbacks.callbacks.block_influence import find_monitor
 from lp_callbacks.depth_stats import count_tokens, effective_depth  # re-exported: their historical home
 from lp_callbacks.loss_events import LossTracker, RecoveryRule, read_loss
-from lp_callbacks.run_summary import build_summary, format_summary, write_summary
+from lp_callbacks.run_summary import build_summary, collect_evaluations, format_summary, write_summary
 from lp_callbacks.step_clock import Interval, StepClock
 from lp_callbacks.stepping import OptimizerStepTracker
 from lp_callbacks.validation import check_bool, check_int, check_number
@@ -81,7 +81,9 @@ class DepthEfficiencyMonitor(Callback):
     values logged) and a compact table printed with ``rank_zero_info``. In the summary, "before" is the model at the
     first training batch (what the first log shows unless the depth changed at step 1) and "after" the last logged
     value; the train loss "before"/"after" is the loss of the first/last optimizer step of the run (kept across
-    resumes); the means are totals over the run (tokens / seconds, seconds / optimizer steps).
+    resumes); the means are totals over the run (tokens / seconds, seconds / optimizer steps). With a
+    :class:`~lp_callbacks.callbacks.ControlEvaluationCallback` in the Trainer (in any order), the table shows its
+    measures at fit start and at fit end, and ``"control_evaluation"`` holds them with every evaluation.
 
     Args:
         log_every_n_steps: log every N optimizer steps (``None``: the Trainer's ``log_every_n_steps``).
@@ -150,11 +152,8 @@ class DepthEfficiencyMonitor(Callback):
             raise TypeError(f"`tokens_fn` must be callable (batch -> int), got {type(tokens_fn).__name__}.")
         if not isinstance(prefix, str) or not prefix:
             raise ValueError(f"`prefix` must be a non-empty string, got {prefix!r}.")
-        self.output_dir = output_dir
-        self.tokens_fn = tokens_fn
-        self.loss_key = loss_key
-        self.prefix = prefix
-        self.layers_path = layers_path
+        self.output_dir, self.tokens_fn, self.loss_key = output_dir, tokens_fn, loss_key
+        self.prefix, self.layers_path = prefix, layers_path
         self._step_clock = StepClock(clock, sync_cuda=check_bool("sync_cuda", sync_cuda))
         self._losses = LossTracker(rule)
         self._steps = OptimizerStepTracker()
@@ -396,5 +395,6 @@ class DepthEfficiencyMonitor(Callback):
             baseline=self.baseline, last_metrics=self.last_metrics, prefix=self.prefix,
             seq_len=self.seq_len or self._batch_seq_len, loss_before=self._losses.first_loss,
             loss_after=self._losses.last_loss, totals=self._step_clock.totals, events=self.events, files=files,
+            evaluations=collect_evaluations(trainer.callbacks, trainer),  # runs a control's final one if still due
         )
 

@@ -30,6 +30,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lp_callbacks.export import write_dir_atomically
+from lp_callbacks.validation import check_dtype
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -169,14 +170,8 @@ def load_causal_lm(
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
-    if dtype is None:
-        return torch.float32
-    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
-    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
-        raise ValueError(
-            f"`dtype` must be a floating torch.dtype or its name (float32, bfloat16, float16), got {dtype!r}."
-        )
-    return resolved
+    """``dtype`` as a floating ``torch.dtype`` (:func:`~lp_callbacks.validation.check_dtype`); ``None``: fp32."""
+    return torch.float32 if dtype is None else check_dtype("dtype", dtype)
 
 
 def _split_gguf(name_or_path: str | os.PathLike, gguf_file: str | None) -> tuple[str, str | None]:
