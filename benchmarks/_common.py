@@ -111,3 +111,73 @@ def table(header: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ a pruned model against the original
+def held_out_eval_data(tokenizer, ppl_tokens: int, agreement_blocks: int, seq_len: int, prompts: int,
+                       prompt_tokens: int) -> dict:
+    """Three disjoint slices of the held-out plays, in this order: the first ``ppl_tokens`` token ids (the text of a
+    perplexity protocol, 1-D), ``agreement_blocks`` blocks of ``seq_len`` tokens (teacher agreement, ``(N, T)``),
+    then ``prompts`` prompts of ``prompt_tokens`` tokens spread evenly over the rest (the generation check)."""
+    files = [p for p in shakespeare_files() if p.name in HELD_OUT_PLAYS]
+    held = torch.tensor(tokenizer("\n".join(p.read_text(encoding="utf-8") for p in files))["input_ids"])
+    need = ppl_tokens + agreement_blocks * seq_len + prompts * prompt_tokens
+    if held.numel() < need:
+        raise ValueError(f"only {held.numel()} tokens in the held-out plays, need {need}")
+    rest = held[ppl_tokens:]
+    agreement = rest[: agreement_blocks * seq_len].view(-1, seq_len)
+    rest = rest[agreement_blocks * seq_len :]
+    step = max(1, (rest.numel() - prompt_tokens) // max(1, prompts))
+    return {"ppl_ids": held[:ppl_tokens], "agreement": agreement,
+            "prompts": [rest[i * step : i * step + prompt_tokens] for i in range(prompts)],
+            "held_out_names": [p.name for p in files]}
+
+
+def choice_stats(samples: list[dict]) -> dict:
+    """From lm-eval's per-question records of a multiple-choice task: how often the most chosen answer position is
+    picked (a model that always answers "A" has accuracy = the share of "A" among the gold answers, whatever it
+    knows), the share of that position among the gold answers, and the mean probability of the gold answer among
+    the choices (softmax of their log-likelihoods; 1 / choices = chance), which moves with the model even when its
+    argmax does not."""
+    picks, gold_prob = [], 0.0
+    for s in samples:
+        lls = torch.tensor([ll for ll, _ in s["filtered_resps"]], dtype=torch.float64)
+        picks.append(int(lls.argmax()))
+        gold_prob += float(lls.softmax(0)[int(s["target"])])
+    top = max(set(picks), key=picks.count)
+    return {"top_pick": "ABCDEFGH"[top], "top_pick_share": picks.count(top) / len(picks),
+            "gold_share_of_top_pick": sum(int(s["target"]) == top for s in samples) / len(samples),
+            "gold_prob": gold_prob / len(samples)}
+
+
+def compare_with_original(student, teacher, tokenizer, held: dict, protocol, *, new_tokens: int,
+                          tasks: dict | None = None, task_batch_size: int = 8, agreement_batch_size: int = 4,
+                          generate: bool = True) -> dict:
+    """``student`` (a pruned model) against ``teacher`` (the original, frozen) with ``lp_callbacks.evaluation``, on
+    the slices of :func:`held_out_eval_data`: perplexity under ``protocol``, ``teacher_agreement`` (KL, top-1),
+    ``generation_agreement`` (greedy, ``new_tokens``; ``None`` without ``generate``), and each lm-eval task of
+    ``tasks`` (``{name: limit}``) with :func:`choice_stats`. Every model comes back in the mode it came in;
+    ``seconds`` of each part."""
+    from lp_callbacks.evaluation import evaluate_tasks, generation_agreement, perplexity, teacher_agreement
+
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    ppl = perplexity(student, held["ppl_ids"], protocol)
+    out: dict = {"ppl": ppl.ppl, "ppl_tokens": ppl.tokens, "ppl_describe": ppl.describe()}
+    seconds["perplexity"], t0 = time.perf_counter() - t0, time.perf_counter()
+    batches = [{"input_ids": c, "attention_mask": torch.ones_like(c)} for c in held["agreement"].split(agreement_batch_size)]
+    out["agreement"] = teacher_agreement(student, teacher, batches)
+    seconds["agreement"], t0 = time.perf_counter() - t0, time.perf_counter()
+    out["generation"] = None
+    if generate:
+        gen = generation_agreement(student, teacher, held["prompts"], max_new_tokens=new_tokens, tokenizer=tokenizer)
+        out["generation"] = {k: gen[k] for k in ("prefix_agreement", "token_agreement", "exact_match", "per_prompt",
+                                                 "student_texts", "teacher_texts")}
+        seconds["generation"], t0 = time.perf_counter() - t0, time.perf_counter()
+    out["tasks"] = {}
+    for name, limit in (tasks or {}).items():
+        res = evaluate_tasks(student, tokenizer, [name], limit=limit, batch_size=task_batch_size, log_samples=True)
+        out["tasks"][name] = {**res["results"][name], **choice_stats(res["raw"]["samples"][name])}
+        seconds[name], t0 = time.perf_counter() - t0, time.perf_counter()
+    out["seconds"] = seconds
+    return out
