@@ -694,13 +694,13 @@ def report(paths: list[Path]) -> None:
     """Part 1's tables from saved --json files (one or more processes over different --criteria)."""
     loaded = [json.loads(p.read_text()) for p in paths]
     settings = argparse.Namespace(**loaded[0]["settings"])
-    seen, runs = set(), []
+    by_key: dict[tuple, dict[str, Any]] = {}  # a run measured in full wins over one that took another's numbers
     for data in loaded:
         for r in data.get("quality", []):
             key = (r["criterion"], r["removed"], r["seed"])
-            if key not in seen:
-                seen.add(key)
-                runs.append(r)
+            if key not in by_key or ("same_model_as" in by_key[key] and "same_model_as" not in r):
+                by_key[key] = r
+    runs = list(by_key.values())
     settings.counts = sorted({r["removed"] for r in runs if r["criterion"] != "dense"})
     print(f"{len(runs)} runs from {', '.join(map(str, paths))}; "
           + "; ".join(f"{p}: part 1 {d.get('quality_s', 0):.0f} s" for p, d in zip(paths, loaded)))

@@ -233,7 +233,7 @@ class LayerFreezeCallback(Callback):
             trainer, pl_module, lambda _, checkpoint: self._before_checkpoint_load(trainer, checkpoint), late=True
         )
         check_warmup(self.warmup_steps, trainer.max_steps)
-        needs_monitor = bool(self.warmup_steps or self.reevaluate_every_n_steps)  # low_bi draws after a warm-up too
+        needs_monitor = bool(self.warmup_steps or self.reevaluate_every_n_steps)
         self._monitor = find_or_add_monitor(trainer, "LayerFreezeCallback", self.layers_path) if needs_monitor else find_monitor(trainer)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
