@@ -134,8 +134,9 @@ def parse_args() -> argparse.Namespace:
                         help="leave out the dense reference run (for a second process over other --criteria,"
                              " merged with --report)")
     parser.add_argument("--reuse", type=Path, nargs="+", default=None,
-                        help="--json files of earlier runs: a run whose event removes the same blocks as one of theirs"
-                             " (same depth) stops after the event and takes its numbers (the same model, bit for bit)")
+                        help="--json files of earlier runs (to resume): their runs are not run again, and a run whose"
+                             " event removes the same blocks as one of theirs (same depth) stops after the event and"
+                             " takes its numbers (the same model, bit for bit)")
     parser.add_argument("--report", type=Path, nargs="+", default=None,
                         help="print part 1's tables from these --json files (merged: runs of the same criterion, depth"
                              " and seed are taken once) instead of running anything")
@@ -323,12 +324,18 @@ def quality(data, teacher, tokenizer, protocol, args, save=None) -> list[dict[st
         if "random" in args.criteria:
             runs += [("random", count, seed) for seed in range(args.seeds)]
     same_model = {}  # (removed, blocks) -> a run measured in full, from this process or from --reuse files
+    done = {}  # (criterion, removed, seed) -> a run of the --reuse files: not run again
     for path in args.reuse or []:
         for r in json.loads(path.read_text()).get("quality", []):
+            done.setdefault((r["criterion"], r["removed"], r["seed"]), r)
             if r["criterion"] != "dense" and "same_model_as" not in r and r["event"]["generation"] is not None:
                 same_model.setdefault((r["removed"], tuple(sorted(r["original_layers"]))), r)
     results = []
     for criterion, count, seed in runs:
+        if (criterion, count, seed) in done:
+            print(f"[{criterion} -{count} seed {seed}] taken from --reuse", flush=True)
+            results.append(done[(criterion, count, seed)])
+            continue
         result = quality_run(criterion, count, seed, data, teacher, tokenizer, protocol, args, same_model)
         results.append(result)
         if criterion != "dense" and "same_model_as" not in result and result["event"]["generation"] is not None:
