@@ -464,7 +464,12 @@ def damage_summary(results: list[dict[str, Any]], args) -> tuple[str, dict[str, 
     extra step of depth (means over random's seeds)."""
     runs = [r for r in results if r["criterion"] != "dense"]
     crits = [c for c in CRITERIA if any(r["criterion"] == c for r in runs)]
-    distinct = [r for r in runs if "same_model_as" not in r]  # a model reached by two criteria counts once
+    distinct, seen = [], set()  # a model reached by two criteria (the same blocks) counts once
+    for r in runs:
+        key = (r["removed"], tuple(sorted(r["original_layers"])))
+        if key not in seen:
+            seen.add(key)
+            distinct.append(r)
     rows, out = [], {}
     for point in ("event", "end"):
         for name, (read, higher_worse) in MEASURES.items():
@@ -474,7 +479,7 @@ def damage_summary(results: list[dict[str, Any]], args) -> tuple[str, dict[str, 
             damage = [v if higher_worse else -v for v, _ in pairs]
             rho_kl = spearman(damage, [m["agreement"]["kl"] for _, m in pairs])
             rho_ppl = spearman(damage, [m["ppl"] for _, m in pairs])
-            monotone = 0
+            monotone = measured = 0
             for c in crits:
                 means = []
                 for count in args.counts:
@@ -484,13 +489,14 @@ def damage_summary(results: list[dict[str, Any]], args) -> tuple[str, dict[str, 
                 if None not in means and len(means) > 1:
                     d = [m if higher_worse else -m for m in means]
                     monotone += all(b > a for a, b in zip(d, d[1:]))
+                    measured += 1
             out.setdefault(point, {})[name] = {"rho_kl": rho_kl, "rho_ppl": rho_ppl, "monotone": monotone,
-                                               "criteria": len(crits), "runs": len(pairs)}
+                                               "criteria": measured, "runs": len(pairs)}
             f = lambda x: "-" if x is None else f"{x:+.2f}"  # noqa: E731
             rows.append(["after the event" if point == "event" else f"after {args.heal_steps} steps", name,
-                         len(pairs), f(rho_kl), f(rho_ppl), f"{monotone} of {len(crits)}" if len(args.counts) > 1 else "-"])
-    header = ["when", "measure (as damage)", "runs", "Spearman ρ with KL", "Spearman ρ with held-out ppl",
-              "criteria worse at every extra depth"]
+                         len(pairs), f(rho_kl), f(rho_ppl), f"{monotone} of {measured}" if measured else "-"])
+    header = ["when", "measure (as damage)", "models", "Spearman ρ with KL", "Spearman ρ with held-out ppl",
+              "criteria worse at every extra depth (of those measured)"]
     return table(header, rows), out
 
 
