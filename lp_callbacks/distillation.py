@@ -8,9 +8,9 @@ The KD term of position ``t`` (whose logits predict token ``t + 1``) at temperat
     T^2 * KL(softmax(z_teacher / T) || softmax(z_student / T))
 
 averaged over the real positions (``next_token_mask``), in nats. It is computed in fp32 chunks of ``chunk_size``
-positions whatever the logits' dtype, and the backward pass recomputes each chunk instead of keeping it, so a
-49k or 262k vocabulary never holds more than one chunk of fp32 probabilities (the logits themselves stay as the
-models gave them).
+positions whatever the logits' dtype; the gradient of each chunk is computed in the same pass
+(``(softmax(z_student / T) - p_teacher) / T``) and kept in the logits' dtype, so a 49k or 262k vocabulary never
+holds more than one chunk of fp32 probabilities (the logits themselves stay as the models gave them).
 
 Example:
     >>> logits = torch.randn(2, 6, 50)
@@ -22,11 +22,12 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
+from torch.autograd.function import once_differentiable
 
 from lp_callbacks.validation import check_int, check_number
 
@@ -87,28 +88,80 @@ def next_token_targets(
     return mask, targets
 
 
+def _log_probs(student_logits: Tensor, teacher_logits: Tensor, temperature: float, top_k: int | None
+               ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The student's log-probabilities over the vocabulary, the teacher's (over its ``top_k`` tokens, renormalised,
+    whose ids come third; ``None``: the whole vocabulary), in fp32 (fp64 for fp64 input)."""
+    dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    log_q = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
+    teacher = teacher_logits.to(device=student_logits.device, dtype=dtype) / temperature
+    tokens = None
+    if top_k is not None:
+        teacher, tokens = teacher.topk(min(top_k, teacher.shape[-1]), dim=-1)
+    return log_q, torch.log_softmax(teacher, dim=-1), tokens
+
+
+def _kl(log_q: Tensor, log_p: Tensor, tokens: Tensor | None) -> Tensor:
+    """Per row ``sum p (log p - log q)`` over the teacher's tokens; a token of probability 0 adds 0."""
+    p = log_p.exp()
+    log_q_at = log_q if tokens is None else log_q.gather(-1, tokens)
+    return torch.where(p > 0, p * (log_p - log_q_at), torch.zeros_like(p)).sum(-1)
+
+
 def kl_per_position(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0, top_k: int | None = None) -> Tensor:
     """``KL(teacher || student)`` of each row ``(N, V) -> (N,)``, in fp32 (fp64 for fp64 input), in nats, not scaled.
 
     With ``top_k`` the teacher keeps its ``k`` largest logits per row (renormalised), and the student's full
     distribution is read at those tokens (sparse KD). Teacher tokens of probability 0 add 0.
     """
-    dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
-    log_q = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
-    teacher = teacher_logits.to(device=student_logits.device, dtype=dtype) / temperature
-    if top_k is not None:
-        teacher, tokens = teacher.topk(min(top_k, teacher.shape[-1]), dim=-1)
-        log_q = log_q.gather(-1, tokens)
-    log_p = torch.log_softmax(teacher, dim=-1)
-    p = log_p.exp()
-    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
+    return _kl(*_log_probs(student_logits, teacher_logits, temperature, top_k))
 
 
-def _chunk_kl_sum(student: Tensor, teacher: Tensor, rows: Tensor, temperature: float, top_k: int | None) -> Tensor:
+def _kl_rows(student: Tensor, teacher: Tensor, rows: Tensor, temperature: float, top_k: int | None) -> Tensor:
+    """``KL`` of the selected rows, outside autocast (fp32 whatever the region's dtype)."""
     student_rows = student.index_select(0, rows)
     teacher_rows = teacher.index_select(0, rows.to(teacher.device))
     with torch.autocast(device_type=student.device.type, enabled=False):
-        return kl_per_position(student_rows, teacher_rows, temperature, top_k).sum()
+        return kl_per_position(student_rows, teacher_rows, temperature, top_k)
+
+
+def _kl_and_grad(student_rows: Tensor, teacher_rows: Tensor, temperature: float, top_k: int | None) -> tuple[Tensor, Tensor]:
+    """Summed ``KL(teacher || student)`` of the rows and its gradient with respect to the student's logits,
+    ``(softmax(z_s / T) - p_teacher) / T`` (``p_teacher`` scattered over the vocabulary under ``top_k``)."""
+    log_q, log_p, tokens = _log_probs(student_rows, teacher_rows, temperature, top_k)
+    kl = _kl(log_q, log_p, tokens).sum()
+    grad = log_q.exp_()  # q, in place of log_q (no longer needed)
+    if tokens is None:
+        grad.sub_(log_p.exp())
+    else:
+        grad.scatter_add_(-1, tokens, -log_p.exp())
+    return kl, grad.div_(temperature)
+
+
+class _ChunkedKD(torch.autograd.Function):
+    """The summed KL and, chunk by chunk in the same pass, its gradient (as fused losses do, e.g. Liger's): one
+    softmax per chunk instead of a forward, a recomputed forward and its backward; the gradient is kept in the
+    logits' dtype, the tensor autograd would build for them in backward anyway."""
+
+    @staticmethod
+    def forward(ctx: Any, student: Tensor, teacher: Tensor, rows: Tensor, temperature: float,  # type: ignore[override]
+                top_k: int | None, chunk_size: int) -> Tensor:
+        grad = torch.zeros_like(student)
+        total = torch.zeros((), dtype=torch.float64 if student.dtype == torch.float64 else torch.float32,
+                            device=student.device)
+        for chunk in rows.split(chunk_size):
+            kl, chunk_grad = _kl_and_grad(student.index_select(0, chunk), teacher.index_select(0, chunk.to(teacher.device)),
+                                          temperature, top_k)
+            total += kl
+            grad.index_copy_(0, chunk, chunk_grad.to(grad.dtype))
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output.to(grad.dtype), None, None, None, None, None
 
 
 def _check_logits(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor) -> None:
@@ -140,7 +193,8 @@ def kd_loss(
         temperature: softening ``T > 0`` of both distributions; the loss is scaled by ``T^2`` (Hinton et al.) so
             its gradients keep their size.
         top_k: keep only the teacher's ``k`` most likely tokens per position (``None``: the full vocabulary).
-        chunk_size: positions per fp32 chunk (memory ``~ chunk_size * V * 4`` bytes a few times over).
+        chunk_size: positions per fp32 chunk (memory ``~ chunk_size * V * 4`` bytes a few times over, plus the
+            gradient of the logits in their dtype, which backward needs anyway).
 
     Returns:
         A scalar fp32 tensor (0 with a graph when no position counts, so ``backward`` still works).
@@ -154,12 +208,12 @@ def kd_loss(
     rows = mask.reshape(-1).nonzero().squeeze(-1).to(student.device)
     if rows.numel() == 0:
         return student_logits.sum().float() * 0.0
-    total = student.new_zeros((), dtype=torch.float32)
-    for chunk in rows.split(chunk_size):
-        if student.requires_grad:  # recomputed in backward: no fp32 chunk is kept for it
-            total = total + checkpoint(_chunk_kl_sum, student, teacher, chunk, temperature, top_k, use_reentrant=False)
-        else:
-            total = total + _chunk_kl_sum(student, teacher, chunk, temperature, top_k)
+    if student.requires_grad:
+        with torch.autocast(device_type=student.device.type, enabled=False):
+            total = _ChunkedKD.apply(student, teacher, rows, temperature, top_k, chunk_size).float()
+    else:
+        total = sum((_kl_rows(student, teacher, chunk, temperature, top_k).sum() for chunk in rows.split(chunk_size)),
+                    student.new_zeros((), dtype=torch.float32))
     return total * (temperature**2 / rows.numel())
 
 
