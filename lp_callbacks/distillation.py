@@ -117,12 +117,9 @@ def kl_per_position(student_logits: Tensor, teacher_logits: Tensor, temperature:
     return _kl(*_log_probs(student_logits, teacher_logits, temperature, top_k))
 
 
-def _kl_rows(student: Tensor, teacher: Tensor, rows: Tensor, temperature: float, top_k: int | None) -> Tensor:
-    """``KL`` of the selected rows, outside autocast (fp32 whatever the region's dtype)."""
-    student_rows = student.index_select(0, rows)
-    teacher_rows = teacher.index_select(0, rows.to(teacher.device))
-    with torch.autocast(device_type=student.device.type, enabled=False):
-        return kl_per_position(student_rows, teacher_rows, temperature, top_k)
+def _chunk_rows(student: Tensor, teacher: Tensor, chunk: Tensor) -> tuple[Tensor, Tensor]:
+    """The student's and the teacher's logits at the positions ``chunk`` (indexed on each one's device)."""
+    return student.index_select(0, chunk), teacher.index_select(0, chunk.to(teacher.device))
 
 
 def _kl_and_grad(student_rows: Tensor, teacher_rows: Tensor, temperature: float, top_k: int | None) -> tuple[Tensor, Tensor]:
@@ -147,12 +144,10 @@ class _ChunkedKD(torch.autograd.Function):
     def forward(ctx: Any, student: Tensor, teacher: Tensor, rows: Tensor, temperature: float,  # type: ignore[override]
                 top_k: int | None, chunk_size: int) -> Tensor:
         grad = torch.zeros_like(student)
-        total = torch.zeros((), dtype=torch.float64 if student.dtype == torch.float64 else torch.float32,
-                            device=student.device)
+        total = 0
         for chunk in rows.split(chunk_size):
-            kl, chunk_grad = _kl_and_grad(student.index_select(0, chunk), teacher.index_select(0, chunk.to(teacher.device)),
-                                          temperature, top_k)
-            total += kl
+            kl, chunk_grad = _kl_and_grad(*_chunk_rows(student, teacher, chunk), temperature, top_k)
+            total = total + kl
             grad.index_copy_(0, chunk, chunk_grad.to(grad.dtype))
         ctx.save_for_backward(grad)
         return total
@@ -208,13 +203,13 @@ def kd_loss(
     rows = mask.reshape(-1).nonzero().squeeze(-1).to(student.device)
     if rows.numel() == 0:
         return student_logits.sum().float() * 0.0
-    if student.requires_grad:
-        with torch.autocast(device_type=student.device.type, enabled=False):
-            total = _ChunkedKD.apply(student, teacher, rows, temperature, top_k, chunk_size).float()
-    else:
-        total = sum((_kl_rows(student, teacher, chunk, temperature, top_k).sum() for chunk in rows.split(chunk_size)),
-                    student.new_zeros((), dtype=torch.float32))
-    return total * (temperature**2 / rows.numel())
+    with torch.autocast(device_type=student.device.type, enabled=False):  # fp32 whatever the region's dtype
+        if student.requires_grad:
+            total = _ChunkedKD.apply(student, teacher, rows, temperature, top_k, chunk_size)
+        else:
+            total = sum(kl_per_position(*_chunk_rows(student, teacher, chunk), temperature, top_k).sum()
+                        for chunk in rows.split(chunk_size))
+    return total.float() * (temperature**2 / rows.numel())
 
 
 def aligned_hidden_pairs(student_original_indices: Sequence[int], teacher_num_layers: int) -> list[tuple[int, int]]:
