@@ -1,5 +1,6 @@
 """What :class:`~lp_callbacks.LayerFreezeCallback` freezes: how many blocks, which ones, and the modules frozen
-whatever BI says (embeddings, LM head, final norm, named modules); checks of its scores and warm-up; what it logs.
+whatever BI says (embeddings, LM head, final norm, named modules); the checks of its arguments, when it decides,
+the events and the values it logs.
 
 Example:
     >>> count_frozen("fraction_frozen", 0.5, num_layers=30)
@@ -11,24 +12,33 @@ from __future__ import annotations
 import difflib
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lp_callbacks.architectures import DecoderStack, input_embeddings, output_embeddings
+from lp_callbacks.events import DepthEvent
 from lp_callbacks.selection import highest_scores, sample_layers
+from lp_callbacks.validation import check_amount, check_bool, check_int
 
 __all__ = [
     "SAMPLINGS",
+    "FreezeArguments",
+    "check_fits_model",
+    "check_freeze_arguments",
     "check_scores",
     "check_sources",
     "check_warmup",
     "count_frozen",
+    "decision_due",
     "enable_input_require_grads",
+    "fixed_params",
+    "freeze_events",
     "freeze_metrics",
     "optimizer_state_bytes",
+    "present_scores",
     "resolve_names",
     "resolve_protected",
     "sample_frozen",
@@ -82,6 +92,108 @@ def check_sources(sources: Mapping[str, bool], sampling: str | None) -> str | No
             " blocks uniformly: `resample_every_n_steps=N` (LISA)."
         )
     return given[0]
+
+
+class FreezeArguments(NamedTuple):
+    """What :func:`check_freeze_arguments` derives from the arguments."""
+
+    mode: str  #: which of ``num_trainable`` / ``fraction_trainable`` / ``num_frozen`` / ``fraction_frozen`` was given
+    amount: int | float
+    scores: Tensor | None
+    source: str | None  #: the one importance source; ``None`` for uniform sampling
+    sampling: str | None  #: ``None`` unless the trainable blocks are resampled
+
+
+def check_freeze_arguments(
+    amounts: Mapping[str, Any],
+    *,
+    scores: Any,
+    warmup_steps: Any,
+    calibration_dataloader: Any,
+    calibration_batches: Any,
+    reevaluate_every_n_steps: Any,
+    resample_every_n_steps: Any,
+    sampling: Any,
+    seed: Any,
+    flags: Mapping[str, Any],
+    also_freeze: Any,
+    prefix: Any,
+) -> FreezeArguments:
+    """Check every argument of :class:`~lp_callbacks.LayerFreezeCallback` that does not need the model; raise for
+    the first bad one, naming it."""
+    mode, amount = check_amount(amounts, "how many blocks to freeze")
+    values = check_scores(scores)
+    check_int("warmup_steps", warmup_steps, minimum=0)
+    check_int("calibration_batches", calibration_batches, minimum=1, allow_none=True)
+    check_int("reevaluate_every_n_steps", reevaluate_every_n_steps, minimum=1, allow_none=True)
+    check_int("resample_every_n_steps", resample_every_n_steps, minimum=1, allow_none=True)
+    check_int("seed", seed, minimum=0)
+    if resample_every_n_steps is not None and reevaluate_every_n_steps is not None:
+        raise ValueError(
+            "`reevaluate_every_n_steps` (re-pick the highest-BI blocks) and `resample_every_n_steps` (draw the"
+            f" trainable blocks at random) exclude each other; got {reevaluate_every_n_steps} and"
+            f" {resample_every_n_steps}."
+        )
+    if resample_every_n_steps is None and sampling != "uniform":
+        raise ValueError(f"`sampling={sampling!r}` needs `resample_every_n_steps` (how often to draw), got None.")
+    for name, value in flags.items():
+        check_bool(name, value)
+    if isinstance(also_freeze, str) or not all(isinstance(n, str) and n for n in also_freeze):
+        raise TypeError(f"`also_freeze` must be a list of dotted module names, got {also_freeze!r}.")
+    if not isinstance(prefix, str) or not prefix:
+        raise ValueError(f"`prefix` must be a non-empty string, got {prefix!r}.")
+    sampled = None if resample_every_n_steps is None else sampling
+    sources = {"scores": values is not None, "calibration_dataloader": calibration_dataloader is not None,
+               "warmup_steps": warmup_steps > 0}
+    return FreezeArguments(mode, amount, values, check_sources(sources, sampled), sampled)
+
+
+def decision_due(step: int, *, decided: bool, source: str | None, warmup_steps: int, last_step: int | None,
+                 every: int | None) -> bool:
+    """Whether a freezing decision is due after optimizer step ``step``: the end of the warm-up before the first
+    choice (``decided`` is false), then every ``every`` steps after the ``last_step`` one (``None``: never again)."""
+    if not decided:
+        return source == "warmup_steps" and step >= warmup_steps
+    return every is not None and step >= (last_step or 0) + every
+
+
+def freeze_events(step: int, source: str, before: Iterable[int], after: Iterable[int], present: Sequence[int],
+                  scores: Mapping[int, float]) -> list[DepthEvent]:
+    """The :class:`DepthEvent` s of one decision that changed the frozen set from ``before`` to ``after`` (original
+    numbering) among the ``present`` blocks: one ``"unfreeze"`` and one ``"freeze"`` event, each when not empty;
+    ``scores`` by original block (empty: none)."""
+    before, after = set(before), set(after)
+    events = []
+    for kind, blocks in (("unfreeze", sorted(before & set(present) - after)), ("freeze", sorted(after - before))):
+        if blocks:
+            events.append(DepthEvent(
+                step=step, kind=kind, original_layers=blocks, scores=[scores[o] for o in blocks if scores],
+                detail=f"{source}: {kind} {len(blocks)} of {len(present)} blocks",
+            ))
+    return events
+
+
+def check_fits_model(scores: Tensor | None, frozen_blocks: Sequence[int] | None, present: Sequence[int],
+                     removed: Sequence[int]) -> None:
+    """Refuse ``scores`` that are not one per original block (the ``present`` and ``removed`` ones), and a restored
+    frozen set naming blocks the model does not hold."""
+    original_depth = len(present) + len(removed)
+    if scores is not None and len(scores) != original_depth:
+        raise ValueError(
+            f"`scores` must hold one value per decoder block: the model has {original_depth} blocks, got"
+            f" {len(scores)} scores."
+        )
+    if frozen_blocks is not None and not set(frozen_blocks) <= set(present):
+        raise RuntimeError(
+            f"LayerFreezeCallback: the checkpoint freezes (original) blocks {list(frozen_blocks)} but the model"
+            f" holds blocks {list(present)}. Resume with the model the checkpoint was trained with."
+        )
+
+
+def present_scores(scores: Mapping[int, float], present: Sequence[int]) -> Tensor | None:
+    """The ``scores`` (by original block) of the ``present`` blocks, in their order, as float64; ``None`` when there
+    are none (a decision by uniform sampling)."""
+    return torch.tensor([scores[o] for o in present], dtype=torch.float64) if scores else None
 
 
 def check_warmup(warmup_steps: int, max_steps: int | None) -> None:
@@ -157,6 +269,15 @@ def resolve_protected(stack: DecoderStack, flags: Mapping[str, bool]) -> dict[st
             )
         out["final_norm"] = [module for _, module in norms]
     return out
+
+
+def fixed_params(stack: DecoderStack, pl_module: nn.Module, protect: Mapping[str, bool],
+                 also_freeze: Sequence[str]) -> list[nn.Parameter]:
+    """The parameters frozen whatever BI says: the ``protect`` ed modules and those named in ``also_freeze``."""
+    protected = resolve_protected(stack, protect)
+    extra = resolve_names(stack.root, pl_module, also_freeze)
+    warn_if_tied(stack.root, protect)
+    return unique_params([m for modules in protected.values() for m in modules] + extra)
 
 
 def resolve_names(hf: nn.Module, pl_module: nn.Module, names: Sequence[str]) -> list[nn.Module]:

@@ -269,6 +269,31 @@ def test_highest_scores_choose_unmeasured_blocks_first_with_a_warning():
     assert lowest_scores(scores, 2) == [0, 4]  # for pruning NaN is never chosen
 
 
+def test_decisions_fall_due_after_the_warm_up_then_every_n_steps():
+    from lp_callbacks.freezing import decision_due
+
+    def due(step, decided, source="warmup_steps", last_step=None, every=None):
+        return decision_due(step, decided=decided, source=source, warmup_steps=5, last_step=last_step, every=every)
+
+    assert [due(s, False) for s in (4, 5, 6)] == [False, True, True]  # the first choice ends the warm-up
+    assert not due(50, False, source="scores")  # chosen at fit start, never by the clock
+    assert [due(s, True, last_step=5, every=5) for s in (9, 10)] == [False, True]
+    assert not due(10_000, True, last_step=5)  # no re-evaluation, no resampling: never again
+
+
+def test_freeze_events_name_what_changed_among_the_blocks_that_exist():
+    from lp_callbacks.freezing import freeze_events
+
+    scores = {0: 0.1, 1: 0.2, 2: 0.3, 3: 0.4}
+    unfreeze, freeze = freeze_events(7, "reevaluation", before=[0, 1, 9], after=[1, 2], present=[0, 1, 2, 3],
+                                     scores=scores)  # block 9 was removed, not unfrozen
+    assert (unfreeze.step, unfreeze.kind, unfreeze.original_layers, unfreeze.scores) == (7, "unfreeze", [0], [0.1])
+    assert (freeze.kind, freeze.original_layers, freeze.detail) == ("freeze", [2], "reevaluation: freeze 1 of 4 blocks")
+    assert freeze_events(8, "resampling", [1, 2], [2, 1], [0, 1, 2, 3], {}) == []  # the same set: no event
+    (event,) = freeze_events(0, "sampling", [], [3], [0, 1, 2, 3], {})
+    assert event.scores == []  # uniform sampling has no scores
+
+
 # ============================================================================================ DDP
 @pytest.mark.parametrize("prune", [False, True], ids=["freeze", "freeze-and-prune"])
 def test_ddp_two_processes_freeze_the_same_blocks(tmp_path, prune):

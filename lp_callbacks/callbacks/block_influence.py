@@ -193,6 +193,19 @@ class BlockInfluenceMonitor(Callback):
         if self._pending:
             self._finalize_step(trainer)
 
+    def measured_block_influence(self, trainer: pl.Trainer, needed_by: str, when: str) -> Tensor:
+        """:attr:`block_influence` with the step in progress folded in (:meth:`flush`: every rank calls it
+        together); raises, saying who needed it and when, while nothing was measured."""
+        self.flush(trainer)
+        scores = self.block_influence
+        if scores is None:
+            raise RuntimeError(
+                f"{needed_by}: the BlockInfluenceMonitor measured no Block Influence {when} (its"
+                f" every_n_steps={self.every_n_steps}, source={self.source!r}); leave at least one measured step"
+                " before it: lower every_n_steps or measure longer."
+            )
+        return scores
+
     # ================================================================ Lightning hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":

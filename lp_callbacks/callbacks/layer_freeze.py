@@ -1,18 +1,5 @@
-"""``LayerFreezeCallback``: domain adaptation with the most important decoder blocks frozen.
-
-Freeze the blocks with the highest Block Influence (the ones the model relies on most), train only the low-BI
-ones, so new knowledge lands in redundant capacity, less is forgotten and the optimizer holds less state.
-Measured on SmolLM2-135M (``benchmarks/forgetting_benchmark.py``): freezing half the blocks stops the forgetting of
-full fine-tuning, but choosing that half by BI does no better than choosing it at random; sampling a few trainable
-blocks at a time (LISA) forgot least.
-
-Example:
-    >>> freeze = LayerFreezeCallback(fraction_frozen=0.5, warmup_steps=20)  # BI from 20 training steps
-    >>> trainer = pl.Trainer(callbacks=[BlockInfluenceMonitor(), freeze], max_steps=500)  # doctest: +SKIP
-    >>> trainer.fit(module, datamodule)  # doctest: +SKIP
-    >>> freeze.record["frozen_blocks"]  # doctest: +SKIP
-    [0, 1, 2, 27, 28, 29, ...]
-"""
+"""``LayerFreezeCallback``: domain adaptation with the most important decoder blocks frozen (measured in
+``benchmarks/forgetting_benchmark.py``: see the README)."""
 
 from __future__ import annotations
 
@@ -20,7 +7,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.rank_zero import rank_zero_debug
@@ -28,41 +14,30 @@ from torch import Tensor
 
 from lp_callbacks.architectures import DecoderStack, decoder_stack
 from lp_callbacks.callbacks.block_influence import BlockInfluenceMonitor, find_monitor, find_or_add_monitor
+from lp_callbacks.callbacks.layer_prune import planned_depth
 from lp_callbacks.checkpoint import before_weights_load
 from lp_callbacks.distributed import check_strategy_supported
 from lp_callbacks.events import DepthEvent
 from lp_callbacks.freezing import (
-    check_scores,
-    check_sources,
+    check_fits_model,
+    check_freeze_arguments,
     check_warmup,
     count_frozen,
+    decision_due,
+    fixed_params,
+    freeze_events,
     freeze_metrics,
-    resolve_names,
-    resolve_protected,
+    present_scores,
     sample_frozen,
     select_frozen,
     training_sizes,
-    unique_params,
-    warn_if_tied,
 )
 from lp_callbacks.measure import measure_depth
 from lp_callbacks.param_switch import ParamSwitch
 from lp_callbacks.stepping import OptimizerStepTracker
 from lp_callbacks.surgery import original_indices, removed_original_indices
-from lp_callbacks.validation import check_amount, check_bool, check_int
 
 __all__ = ["LayerFreezeCallback"]
-
-
-def planned_depth(trainer: pl.Trainer) -> int | None:
-    """The depth the Trainer's LayerPruneCallbacks will leave at the end of their plans; ``None`` without one."""
-    from lp_callbacks.callbacks.layer_prune import LayerPruneCallback
-
-    pruners = [c for c in trainer.callbacks if isinstance(c, LayerPruneCallback)]  # type: ignore[attr-defined]
-    if not pruners or any(p.original_indices is None for p in pruners):
-        return None
-    pending = sum(n for p in pruners for event, n in p.plan.items() if event not in p.done_events)
-    return len(pruners[0].original_indices or []) - pending
 
 
 class LayerFreezeCallback(Callback):
@@ -85,21 +60,19 @@ class LayerFreezeCallback(Callback):
     only on ``seed`` and its number, so every rank draws alike and a resumed run draws what the uninterrupted one
     would have.
 
-    *Effect*: frozen parameters get ``requires_grad=False`` and are removed in place from the optimizers'
-    ``param_groups`` and ``state`` (no momentum, no weight decay can move them, their state memory is released);
-    trainable parameters keep their state. The embeddings, LM head and final norm are frozen from fit start
-    unless their flags say otherwise; other parameters outside the blocks (e.g. a classifier head) are left as they
-    are. Under DDP all ranks freeze the set chosen on rank 0 and the DDP wrapper is rebuilt. With gradient
-    checkpointing and frozen embeddings, HF's ``enable_input_require_grads`` is turned on. The model stays frozen
-    after ``fit``.
+    *Effect*: frozen parameters get ``requires_grad=False`` and leave the optimizers' ``param_groups`` and
+    ``state`` in place (nothing can move them, their state memory is released); trainable ones keep their state.
+    The embeddings, LM head and final norm are frozen from fit start unless their flags say otherwise; other
+    parameters outside the blocks (e.g. a classifier head) are left as they are. Under DDP
+    every rank freezes rank 0's choice and the DDP wrapper is rebuilt; with gradient checkpointing and frozen
+    embeddings HF's ``enable_input_require_grads`` is turned on. The model stays frozen after ``fit``.
 
-    *With pruning*: together with a :class:`~lp_callbacks.LayerPruneCallback` the frozen set is kept in original
-    block numbering; a removed block (frozen or not) leaves the set, the optimizer layout and the records, and
-    re-evaluation picks among the blocks that exist (``fraction_*`` counts follow the current depth).
+    *With pruning* (:class:`~lp_callbacks.LayerPruneCallback`): the frozen set is kept in original block numbering;
+    a removed block leaves the set, the optimizer layout and the records; ``fraction_*`` follows the current depth.
 
     *Record*: :attr:`record` (the current choice: blocks, scores, parameter counts, optimizer-state bytes) and
-    :attr:`history` (every choice) are logged as ``{prefix}/...`` and saved in checkpoints; resuming re-applies the
-    same frozen set before the optimizer state is loaded.
+    :attr:`history` (every choice), logged as ``{prefix}/...`` and checkpointed; a resume re-applies the frozen set
+    before the optimizer state loads. Each change is a ``freeze`` / ``unfreeze`` :class:`~lp_callbacks.DepthEvent`.
 
     Args:
         num_trainable: keep this many lowest-BI blocks trainable, freeze the rest.
@@ -157,32 +130,14 @@ class LayerFreezeCallback(Callback):
     ) -> None:
         amounts = dict(num_trainable=num_trainable, fraction_trainable=fraction_trainable, num_frozen=num_frozen,
                        fraction_frozen=fraction_frozen)
-        self.mode, self.amount = check_amount(amounts, "how many blocks to freeze")
-        self.scores = check_scores(scores)
-        check_int("warmup_steps", warmup_steps, minimum=0)
-        check_int("calibration_batches", calibration_batches, minimum=1, allow_none=True)
-        check_int("reevaluate_every_n_steps", reevaluate_every_n_steps, minimum=1, allow_none=True)
-        check_int("resample_every_n_steps", resample_every_n_steps, minimum=1, allow_none=True)
-        check_int("seed", seed, minimum=0)
-        if resample_every_n_steps is not None and reevaluate_every_n_steps is not None:
-            raise ValueError(
-                "`reevaluate_every_n_steps` (re-pick the highest-BI blocks) and `resample_every_n_steps` (draw the"
-                f" trainable blocks at random) exclude each other; got {reevaluate_every_n_steps} and"
-                f" {resample_every_n_steps}."
-            )
-        sources = {"scores": self.scores is not None, "calibration_dataloader": calibration_dataloader is not None,
-                   "warmup_steps": warmup_steps > 0}
-        self.sampling = None if resample_every_n_steps is None else sampling
-        if resample_every_n_steps is None and sampling != "uniform":
-            raise ValueError(f"`sampling={sampling!r}` needs `resample_every_n_steps` (how often to draw), got None.")
-        for name, value in (("freeze_embeddings", freeze_embeddings), ("freeze_lm_head", freeze_lm_head),
-                            ("freeze_final_norm", freeze_final_norm)):
-            check_bool(name, value)
-        if isinstance(also_freeze, str) or not all(isinstance(n, str) and n for n in also_freeze):
-            raise TypeError(f"`also_freeze` must be a list of dotted module names, got {also_freeze!r}.")
-        if not isinstance(prefix, str) or not prefix:
-            raise ValueError(f"`prefix` must be a non-empty string, got {prefix!r}.")
-        self.source = check_sources(sources, self.sampling)  # None: uniform sampling
+        flags = dict(freeze_embeddings=freeze_embeddings, freeze_lm_head=freeze_lm_head,
+                     freeze_final_norm=freeze_final_norm)
+        self.mode, self.amount, self.scores, self.source, self.sampling = check_freeze_arguments(
+            amounts, scores=scores, warmup_steps=warmup_steps, calibration_dataloader=calibration_dataloader,
+            calibration_batches=calibration_batches, reevaluate_every_n_steps=reevaluate_every_n_steps,
+            resample_every_n_steps=resample_every_n_steps, sampling=sampling, seed=seed, flags=flags,
+            also_freeze=also_freeze, prefix=prefix,
+        )  # source None: uniform sampling
         self.resample_every_n_steps = resample_every_n_steps
         self.seed = seed
         self.warmup_steps = warmup_steps
@@ -239,17 +194,17 @@ class LayerFreezeCallback(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._bind(trainer, pl_module)
         if self.frozen_blocks is not None:  # resume (or a second fit): the same set, before optimizer state loads
-            self._apply(trainer, pl_module, self._positions(self.frozen_blocks))
+            self._apply(trainer, self.frozen_blocks)
         elif self.source == "scores":
-            self._decide(trainer, pl_module, self._fixed_scores(), "scores")
+            self._decide(trainer, pl_module, self.scores[original_indices(self._stack)], "scores")  # type: ignore[index]
         elif self.source == "calibration_dataloader":
-            bi = self._calibrate()
+            bi = measure_depth(self._stack, self.calibration_dataloader, self.calibration_batches).block_influence
             self._calibrated = dict(zip(original_indices(self._stack), bi.tolist(), strict=True))
             self._decide(trainer, pl_module, bi, "calibration")
         elif self.source is None:  # uniform sampling
             self._decide(trainer, pl_module, None, "sampling")
         else:  # warm-up: only the protected modules now, the blocks later
-            self._apply(trainer, pl_module, [])
+            self._apply(trainer, [])
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -258,7 +213,7 @@ class LayerFreezeCallback(Callback):
         # Choices that make blocks trainable again are taken as a step starts, never right before a checkpoint: a
         # checkpoint then never holds a trainable parameter without optimizer state (FSDP2's loader refuses one).
         if self.frozen_blocks is not None and (self._pending or self._decision_due(trainer.global_step)):
-            scores, source = (self._surviving_scores(), self._pending) if self._pending else self._decision_input(trainer)
+            scores, source = (self._last_scores(), self._pending) if self._pending else self._decision_input(trainer)
             self._pending = None
             self._decide(trainer, pl_module, scores, source)
 
@@ -316,7 +271,7 @@ class LayerFreezeCallback(Callback):
         self.load_state_dict(state)  # Lightning loads the same again later
         self._follow_removals(trainer, trainer.lightning_module)  # a pruner rebuilt the pruned model just before
         if self.frozen_blocks is not None:
-            self._apply(trainer, trainer.lightning_module, self._positions(self.frozen_blocks))
+            self._apply(trainer, self.frozen_blocks)
 
     # ================================================================ blocks removed by a LayerPruneCallback
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -341,18 +296,9 @@ class LayerFreezeCallback(Callback):
                 rank_zero_warn(f"LayerFreezeCallback: the removal of blocks {original_layers} left no trainable block;"
                                " the frozen set is chosen again from the last scores of the blocks left.")
             self._pending = "resampling" if self.sampling else "removal"  # before the next step
-        self._apply(trainer, pl_module, self._positions(self.frozen_blocks))
+        self._apply(trainer, self.frozen_blocks)
         self.record.update(frozen_blocks=list(self.frozen_blocks), trainable_blocks=self.trainable_blocks,
                            original_indices=original_indices(self._stack))  # type: ignore[arg-type]
-
-    def _surviving_scores(self) -> Tensor | None:
-        """The last decision's scores of the blocks that exist now (``None`` when it had none: uniform sampling)."""
-        assert self._stack is not None
-        last = self.history[-1] if self.history else {}  # as decided (the record follows removals since)
-        if not last.get("scores"):
-            return None
-        by_original = dict(zip(last["original_indices"], last["scores"], strict=True))
-        return torch.tensor([by_original[o] for o in original_indices(self._stack)], dtype=torch.float64)
 
     def _follow_removals(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Re-read the blocks after a removal; forget what left, in the layouts and param groups too."""
@@ -364,35 +310,14 @@ class LayerFreezeCallback(Callback):
         assert self._switch is not None
         self._switch.follow_removals(trainer, {id(p) for p in pl_module.parameters()})
 
-    def _positions(self, originals: Sequence[int]) -> list[int]:
-        """Current positions of the blocks with these original indices."""
-        assert self._stack is not None
-        wanted = set(originals)
-        return [i for i, o in enumerate(original_indices(self._stack)) if o in wanted]
-
     # ================================================================ internals: binding
     def _bind(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Find blocks, protected modules and optimizer layout; validate everything that needs the model."""
         stack = decoder_stack(pl_module, self.layers_path)
         num_layers = len(stack.layers)
         count_frozen(self.mode, self.amount, num_layers)  # a count that freezes every block is refused now
-        present = original_indices(stack)
-        original_depth = num_layers + len(removed_original_indices(stack))  # scores are per original block
-        if self.scores is not None and len(self.scores) != original_depth:
-            raise ValueError(
-                f"`scores` must hold one value per decoder block: the model has {original_depth} blocks, got"
-                f" {len(self.scores)} scores."
-            )
-        if self.frozen_blocks is not None and not set(self.frozen_blocks) <= set(present):
-            raise RuntimeError(
-                f"LayerFreezeCallback: the checkpoint freezes (original) blocks {self.frozen_blocks} but the model"
-                f" holds blocks {present}. Resume with the model the checkpoint was trained with."
-            )
-        protected = resolve_protected(stack, self.protect)
-        extra = resolve_names(stack.root, pl_module, self.also_freeze)
-        warn_if_tied(stack.root, self.protect)
-
-        fixed = unique_params([m for modules in protected.values() for m in modules] + extra)
+        check_fits_model(self.scores, self.frozen_blocks, original_indices(stack), removed_original_indices(stack))
+        fixed = fixed_params(stack, pl_module, self.protect, self.also_freeze)
         names = {id(p): n for n, p in pl_module.named_parameters()}
         self._fixed_names = sorted(names.get(id(p), "?") for p in fixed)
         self._stack = stack
@@ -400,45 +325,30 @@ class LayerFreezeCallback(Callback):
                                    input_grads=self.protect["embeddings"])
 
     # ================================================================ internals: deciding
-    def _calibrate(self) -> Tensor:
-        assert self.calibration_dataloader is not None and self._stack is not None
-        return measure_depth(self._stack, self.calibration_dataloader, self.calibration_batches).block_influence
-
     def _decision_due(self, step: int) -> bool:
-        if self.frozen_blocks is None:
-            return self.source == "warmup_steps" and step >= self.warmup_steps
-        every = self.resample_every_n_steps or self.reevaluate_every_n_steps
-        return every is not None and step >= (self._last_decision_step or 0) + every
+        return decision_due(step, decided=self.frozen_blocks is not None, source=self.source,
+                            warmup_steps=self.warmup_steps, last_step=self._last_decision_step,
+                            every=self.resample_every_n_steps or self.reevaluate_every_n_steps)
 
     def _decision_input(self, trainer: pl.Trainer) -> tuple[Tensor | None, str]:
         """The scores a decision due now rests on, and the name of the decision."""
-        if self.frozen_blocks is None:
-            return self._monitor_scores(trainer), "warmup"
-        if self.sampling is None:
-            return self._monitor_scores(trainer), "reevaluation"
+        if self.frozen_blocks is None or self.sampling is None:  # the end of the warm-up, or a re-evaluation
+            return self._monitor_scores(trainer), "warmup" if self.frozen_blocks is None else "reevaluation"
         if self.source == "scores":
-            return self._fixed_scores(), "resampling"
+            return self.scores[original_indices(self._stack)], "resampling"  # type: ignore[index,arg-type]
         if self.source == "calibration_dataloader":
-            return torch.tensor([self._calibrated[o] for o in original_indices(self._stack)]), "resampling"
+            return present_scores(self._calibrated, original_indices(self._stack)), "resampling"
         return (None if self.source is None else self._monitor_scores(trainer)), "resampling"
 
-    def _fixed_scores(self) -> Tensor:
-        """The user's ``scores`` of the blocks that exist now."""
-        assert self.scores is not None and self._stack is not None
-        return self.scores[original_indices(self._stack)]
+    def _last_scores(self) -> Tensor | None:
+        """The last decision's scores of the blocks that exist now (``None`` when it had none: uniform sampling)."""
+        last = self.history[-1] if self.history and self.history[-1]["scores"] else {"original_indices": [], "scores": []}
+        by_original = dict(zip(last["original_indices"], last["scores"], strict=True))  # as decided, before removals
+        return present_scores(by_original, original_indices(self._stack))  # type: ignore[arg-type]
 
     def _monitor_scores(self, trainer: pl.Trainer) -> Tensor:
-        monitor = self._monitor
-        assert monitor is not None  # set in setup whenever warm-up or re-evaluation is on
-        monitor.flush(trainer)  # every rank calls it: it reduces across ranks
-        scores = monitor.block_influence
-        if scores is None:
-            raise RuntimeError(
-                f"LayerFreezeCallback: the BlockInfluenceMonitor measured nothing by step {trainer.global_step}"
-                f" (its every_n_steps={monitor.every_n_steps}, source={monitor.source!r}); lower every_n_steps or"
-                " raise warmup_steps."
-            )
-        return scores
+        assert self._monitor is not None  # set in setup whenever warm-up or re-evaluation is on
+        return self._monitor.measured_block_influence(trainer, "LayerFreezeCallback", f"by step {trainer.global_step}")
 
     def _decide(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, scores: Tensor | None, source: str
@@ -457,10 +367,9 @@ class LayerFreezeCallback(Callback):
         chosen = [original[i] for i in positions]
         before = set(self.frozen_blocks or [])
         self.frozen_blocks = trainer.strategy.broadcast(chosen, src=0)  # every rank freezes rank 0's choice
-        self._apply(trainer, pl_module, self._positions(self.frozen_blocks))
+        self._apply(trainer, self.frozen_blocks)
         by_original = {} if scores is None else {o: float(scores[i]) for i, o in enumerate(original)}
-        self._add_events(trainer, by_original, source, sorted(before & set(original) - set(self.frozen_blocks)), "unfreeze")
-        self._add_events(trainer, by_original, source, sorted(set(self.frozen_blocks) - before), "freeze")
+        self.depth_events += freeze_events(trainer.global_step, source, before, self.frozen_blocks, original, by_original)
         self._last_decision_step = trainer.global_step
         self.record = self._describe(trainer, pl_module, scores, source)
         self.history.append(dict(self.record))
@@ -470,21 +379,13 @@ class LayerFreezeCallback(Callback):
             f" trainable params {self.record['trainable_params']:,}."
         )
 
-    def _add_events(self, trainer: pl.Trainer, scores: Mapping[int, float], source: str, blocks: list[int], kind: str) -> None:
-        """One :class:`DepthEvent` for the blocks (original numbering) that this decision froze or unfroze."""
-        if not blocks:
-            return
-        num_layers = len(self._stack.layers)  # type: ignore[union-attr]
-        self.depth_events.append(DepthEvent(
-            step=trainer.global_step, kind=kind, original_layers=blocks, scores=[scores[o] for o in blocks if scores],
-            detail=f"{source}: {kind} {len(blocks)} of {num_layers} blocks",
-        ))
-
     # ================================================================ internals: applying
-    def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, blocks: Sequence[int]) -> None:
-        """Make exactly ``blocks`` (plus the fixed modules) frozen: requires_grad, optimizers, DDP wrapper."""
-        assert self._switch is not None
-        self._switch.apply(trainer, blocks)
+    def _apply(self, trainer: pl.Trainer, originals: Sequence[int]) -> None:
+        """Make exactly the blocks with these original indices (plus the fixed modules) frozen: requires_grad,
+        optimizers, DDP wrapper."""
+        assert self._switch is not None and self._stack is not None
+        wanted = set(originals)
+        self._switch.apply(trainer, [i for i, o in enumerate(original_indices(self._stack)) if o in wanted])
 
     def _release(self) -> None:
         if self._switch is not None:

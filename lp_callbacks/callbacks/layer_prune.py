@@ -43,6 +43,15 @@ def _stack_if_built(pl_module: nn.Module, layers_path: str | None) -> DecoderSta
         raise
 
 
+def planned_depth(trainer: pl.Trainer) -> int | None:
+    """The depth the Trainer's LayerPruneCallbacks will leave at the end of their plans; ``None`` without one."""
+    pruners = [c for c in trainer.callbacks if isinstance(c, LayerPruneCallback)]  # type: ignore[attr-defined]
+    if not pruners or any(p.original_indices is None for p in pruners):
+        return None
+    pending = sum(n for p in pruners for event, n in p.plan.items() if event not in p.done_events)
+    return len(pruners[0].original_indices or []) - pending
+
+
 class LayerPruneCallback(Callback):
     r"""Delete the least important decoder blocks at scheduled points of a run; training goes on and heals the model.
 
@@ -351,12 +360,7 @@ class LayerPruneCallback(Callback):
                 " missing scores."
             )
         if self.criterion == "block_influence":
-            scores = monitor.block_influence
-            if scores is None:
-                raise RuntimeError(
-                    f"LayerPruneCallback: no Block Influence was measured before event {event!r}; leave at least"
-                    f" one measured step (monitor every_n_steps={monitor.every_n_steps}) before each event."
-                )
+            scores = monitor.measured_block_influence(trainer, "LayerPruneCallback", f"before event {event!r}")
         else:
             monitor.track_block_size(count)
             scores = monitor.angular_distances(count)
