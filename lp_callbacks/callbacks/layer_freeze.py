@@ -342,8 +342,8 @@ class LayerFreezeCallback(Callback):
 
     def _last_scores(self) -> Tensor | None:
         """The last decision's scores of the blocks that exist now (``None`` when it had none: uniform sampling)."""
-        last = self.history[-1] if self.history and self.history[-1]["scores"] else {"original_indices": [], "scores": []}
-        by_original = dict(zip(last["original_indices"], last["scores"], strict=True))  # as decided, before removals
+        last = self.history[-1] if self.history and self.history[-1].get("scores") else {}  # as decided
+        by_original = dict(zip(last.get("original_indices", []), last.get("scores", []), strict=True))
         return present_scores(by_original, original_indices(self._stack))  # type: ignore[arg-type]
 
     def _monitor_scores(self, trainer: pl.Trainer) -> Tensor:
