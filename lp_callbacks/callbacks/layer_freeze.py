@@ -60,12 +60,12 @@ class LayerFreezeCallback(Callback):
     only on ``seed`` and its number, so every rank draws alike and a resumed run draws what the uninterrupted one
     would have.
 
-    *Effect*: frozen parameters get ``requires_grad=False`` and leave the optimizers' ``param_groups`` and
-    ``state`` in place (nothing can move them, their state memory is released); trainable ones keep their state.
-    The embeddings, LM head and final norm are frozen from fit start unless their flags say otherwise; other
-    parameters outside the blocks (e.g. a classifier head) are left as they are. Under DDP
-    every rank freezes rank 0's choice and the DDP wrapper is rebuilt; with gradient checkpointing and frozen
-    embeddings HF's ``enable_input_require_grads`` is turned on. The model stays frozen after ``fit``.
+    *Effect*: frozen parameters get ``requires_grad=False`` and are removed, in place, from the optimizers'
+    ``param_groups`` and ``state`` (nothing can move them, their state memory is released); trainable ones keep
+    their state. The embeddings, LM head and final norm are frozen from fit start unless their flags say otherwise;
+    other parameters outside the blocks (e.g. a classifier head) are left as they are. Under DDP every rank freezes
+    rank 0's choice and the DDP wrapper is rebuilt; with gradient checkpointing and frozen embeddings HF's
+    ``enable_input_require_grads`` is turned on. The model stays frozen after ``fit``.
 
     *With pruning* (:class:`~lp_callbacks.LayerPruneCallback`): the frozen set is kept in original block numbering;
     a removed block leaves the set, the optimizer layout and the records; ``fraction_*`` follows the current depth.
