@@ -190,10 +190,9 @@ def check_fits_model(scores: Tensor | None, frozen_blocks: Sequence[int] | None,
         )
 
 
-def present_scores(scores: Mapping[int, float], present: Sequence[int]) -> Tensor | None:
-    """The ``scores`` (by original block) of the ``present`` blocks, in their order, as float64; ``None`` when there
-    are none (a decision by uniform sampling)."""
-    return torch.tensor([scores[o] for o in present], dtype=torch.float64) if scores else None
+def present_scores(scores: Mapping[int, float], present: Sequence[int]) -> Tensor:
+    """The ``scores`` (by original block) of the ``present`` blocks, in their order, as float64."""
+    return torch.tensor([scores[o] for o in present], dtype=torch.float64)
 
 
 def check_warmup(warmup_steps: int, max_steps: int | None) -> None:

@@ -196,7 +196,7 @@ class LayerFreezeCallback(Callback):
         if self.frozen_blocks is not None:  # resume (or a second fit): the same set, before optimizer state loads
             self._apply(trainer, self.frozen_blocks)
         elif self.source == "scores":
-            self._decide(trainer, pl_module, self.scores[original_indices(self._stack)], "scores")  # type: ignore[index]
+            self._decide(trainer, pl_module, self._fixed_scores(), "scores")
         elif self.source == "calibration_dataloader":
             bi = measure_depth(self._stack, self.calibration_dataloader, self.calibration_batches).block_influence
             self._calibrated = dict(zip(original_indices(self._stack), bi.tolist(), strict=True))
@@ -335,16 +335,23 @@ class LayerFreezeCallback(Callback):
         if self.frozen_blocks is None or self.sampling is None:  # the end of the warm-up, or a re-evaluation
             return self._monitor_scores(trainer), "warmup" if self.frozen_blocks is None else "reevaluation"
         if self.source == "scores":
-            return self.scores[original_indices(self._stack)], "resampling"  # type: ignore[index,arg-type]
+            return self._fixed_scores(), "resampling"
         if self.source == "calibration_dataloader":
             return present_scores(self._calibrated, original_indices(self._stack)), "resampling"
         return (None if self.source is None else self._monitor_scores(trainer)), "resampling"
 
     def _last_scores(self) -> Tensor | None:
         """The last decision's scores of the blocks that exist now (``None`` when it had none: uniform sampling)."""
-        last = self.history[-1] if self.history and self.history[-1].get("scores") else {}  # as decided
-        by_original = dict(zip(last.get("original_indices", []), last.get("scores", []), strict=True))
+        last = self.history[-1] if self.history else {}  # as decided (the record follows removals since)
+        if not last.get("scores"):
+            return None
+        by_original = dict(zip(last["original_indices"], last["scores"], strict=True))
         return present_scores(by_original, original_indices(self._stack))  # type: ignore[arg-type]
+
+    def _fixed_scores(self) -> Tensor:
+        """The user's ``scores`` of the blocks that exist now."""
+        assert self.scores is not None and self._stack is not None
+        return self.scores[original_indices(self._stack)]
 
     def _monitor_scores(self, trainer: pl.Trainer) -> Tensor:
         assert self._monitor is not None  # set in setup whenever warm-up or re-evaluation is on
