@@ -204,3 +204,29 @@ def fast_trainer(tmp_path, **kwargs) -> pl.Trainer:
                     num_sanity_val_steps=0, deterministic=True)
     defaults.update(kwargs)
     return pl.Trainer(**defaults)
+
+
+# ----------------------------------------------------------------------------- two-process runs
+def launch_two_process(script, jobs: list[dict], timeout: int = 600) -> None:
+    """Run ``jobs`` (dicts with ``job``, ``out`` and the job's settings) one after the other in one launch of
+    ``script`` (tests/ddp_script.py, tests/fsdp2_script.py): two processes started once, not once per run."""
+    import json
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, str(script), json.dumps(jobs, default=str)], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
+
+
+@pytest.fixture(scope="session")
+def ddp_runs(tmp_path_factory):
+    """Every 2-process DDP job of tests/ddp_script.py, run once for the session: ``ddp_runs(name)`` gives the job's
+    ``[rank0, rank1]`` results."""
+    from pathlib import Path
+
+    base = tmp_path_factory.mktemp("ddp_runs")
+    names = ["monitor", "prune", "distill", "freeze", "freeze_prune", "sample"]
+    launch_two_process(Path(__file__).parent / "ddp_script.py", [{"job": n, "out": base / n} for n in names])
+    return lambda name: [torch.load(base / name / f"rank{r}.pt", weights_only=False) for r in (0, 1)]

@@ -1,6 +1,7 @@
-"""Run by tests/test_fsdp2.py: one 2-process fit on CPU (gloo) under FSDP2 (ModelParallelStrategy) or DDP.
+"""Run by tests/test_fsdp2.py: 2-process fits on CPU (gloo) under FSDP2 (ModelParallelStrategy) or DDP, one after
+the other in the same two processes (see tests/ddp_script.py for how one launch serves several fits).
 
-    python tests/fsdp2_script.py SETTINGS_JSON OUT_DIR
+    python tests/fsdp2_script.py '[{"out": OUT_DIR, **SETTINGS}, ...]'
 
 SETTINGS: strategy ("fsdp2" | "ddp"), callbacks ("monitor" | "prune" | "freeze" | "freeze_prune" | "sample"), max_steps, late_model (build the
 model in configure_model), ckpt_path (resume), save_every (checkpoint every n steps), distributed_checkpoint,
@@ -136,9 +137,13 @@ def main(settings: dict, out: Path) -> None:
         result["fsdp_states"] = len(module.model._get_fsdp_state()._state_ctx.all_states)
     if trainer.is_global_zero:
         torch.save(result, out / "result.pt")
-    if torch.distributed.is_initialized():  # a clean exit: gloo threads abort the process otherwise
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(json.loads(sys.argv[1]), Path(sys.argv[2]))
+    for job in json.loads(sys.argv[1]):
+        print(f"rank {os.environ.get('LOCAL_RANK', 0)}: job {job}", file=sys.stderr, flush=True)
+        out = Path(job.pop("out"))
+        out.mkdir(parents=True, exist_ok=True)
+        main({"strategy": "fsdp2", **job}, out)
+    if torch.distributed.is_initialized():  # a clean exit: gloo threads abort the process otherwise
+        torch.distributed.destroy_process_group()

@@ -231,23 +231,16 @@ def test_unknown_architecture_fails_before_training(tmp_path):
     assert module.steps == 0
 
 
-def test_ddp_two_ranks_equal_single_process_over_union(tmp_path):
+def test_ddp_two_ranks_equal_single_process_over_union(ddp_runs):
     """2 CPU processes (gloo) on different shards: BI = single-process BI over the union of their tokens."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
     from lp_callbacks import measure_depth
 
-    script = Path(__file__).parent / "ddp_monitor_script.py"
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert ranks[0] == ranks[1]  # every rank holds the reduced values
+    ranks = ddp_runs("monitor")
+    for key in ("bi", "angular2"):  # every rank holds the reduced values
+        assert torch.equal(ranks[0][key], ranks[1][key])
+    assert ranks[0]["tokens"] == ranks[1]["tokens"]
     union = measure_depth(TinyLM(lr=0.0).model, loader(length=16, batch_size=16), block_sizes=(2,))
-    torch.testing.assert_close(torch.tensor(ranks[0]["bi"], dtype=torch.float64), union.block_influence, atol=1e-6, rtol=0)
-    torch.testing.assert_close(
-        torch.tensor(ranks[0]["angular2"], dtype=torch.float64), union.angular_distances[2], atol=1e-6, rtol=0
-    )
+    assert ranks[0]["bi"].dtype == torch.float64
+    torch.testing.assert_close(ranks[0]["bi"], union.block_influence, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ranks[0]["angular2"], union.angular_distances[2], atol=1e-6, rtol=0)
     assert ranks[0]["tokens"] == union.tokens

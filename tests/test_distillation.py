@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 
 import lightning.pytorch as pl
 import pytest
@@ -318,15 +315,12 @@ def test_the_same_teacher_module_resumes(tmp_path):
 
 
 # ============================================================================================ DDP
-def test_two_process_ddp_equals_a_single_process(tmp_path):
-    script = os.path.join(os.path.dirname(__file__), "ddp_distill_script.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    for mode in ("single", "ddp"):
-        result = subprocess.run([sys.executable, script, str(tmp_path), mode], capture_output=True, text=True,
-                                timeout=300, env=env, cwd=os.path.dirname(os.path.dirname(script)))
-        assert result.returncode == 0, result.stderr[-4000:]
-    single = torch.load(tmp_path / "single_rank0.pt", weights_only=False)
-    rank0, rank1 = (torch.load(tmp_path / f"ddp_rank{r}.pt", weights_only=False) for r in (0, 1))
+def test_two_process_ddp_equals_a_single_process(tmp_path, ddp_runs):
+    from ddp_script import distill
+
+    distill(tmp_path, ddp=False)  # the same job in this process, batches of 4
+    single = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    rank0, rank1 = ddp_runs("distill")
     assert rank0["teacher_fingerprint"] == rank1["teacher_fingerprint"] == single["teacher_fingerprint"]
     assert rank0["num_layers"] == single["num_layers"] == LAYERS - 2
     for name, value in single["state"].items():

@@ -1,8 +1,5 @@
 """LayerFreezeCallback's layer-wise sampling (LISA): a few blocks trainable at a time, drawn again every N steps."""
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -154,13 +151,8 @@ def test_sampling_after_a_removal_draws_among_the_blocks_that_exist(tmp_path):
     assert all(_block_names(freeze.trainable_blocks)(n) for n in trainable)
 
 
-def test_ddp_ranks_draw_the_same_blocks(tmp_path):
-    script = os.path.join(os.path.dirname(__file__), "ddp_freeze_script.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run([sys.executable, script, str(tmp_path), "sample"], capture_output=True, text=True,
-                            timeout=300, env=env, cwd=os.path.dirname(os.path.dirname(script)))
-    assert result.returncode == 0, result.stderr[-4000:]
-    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+def test_ddp_ranks_draw_the_same_blocks(ddp_runs):
+    rank0, rank1 = ddp_runs("sample")
     assert [h["step"] for h in rank0["history"]] == [0, 2, 4]
     assert [h["trainable_blocks"] for h in rank0["history"]] == [h["trainable_blocks"] for h in rank1["history"]]
     assert rank0["requires_grad"] == rank1["requires_grad"]

@@ -1,6 +1,3 @@
-import os
-import subprocess
-import sys
 
 import lightning.pytorch as pl
 import pytest
@@ -296,13 +293,8 @@ def test_freeze_events_name_what_changed_among_the_blocks_that_exist():
 
 # ============================================================================================ DDP
 @pytest.mark.parametrize("prune", [False, True], ids=["freeze", "freeze-and-prune"])
-def test_ddp_two_processes_freeze_the_same_blocks(tmp_path, prune):
-    script = os.path.join(os.path.dirname(__file__), "ddp_freeze_script.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run([sys.executable, script, str(tmp_path), *(["prune"] if prune else [])], capture_output=True,
-                            text=True, timeout=300, env=env, cwd=os.path.dirname(os.path.dirname(script)))
-    assert result.returncode == 0, result.stderr[-4000:]
-    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+def test_ddp_two_processes_freeze_the_same_blocks(ddp_runs, prune):
+    rank0, rank1 = ddp_runs("freeze_prune" if prune else "freeze")
     assert rank0["global_step"] == rank1["global_step"] == 5
     assert rank0["frozen_blocks"] == rank1["frozen_blocks"] and len(rank0["frozen_blocks"]) == 3
     assert rank0["requires_grad"] == rank1["requires_grad"]

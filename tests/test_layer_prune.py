@@ -1,7 +1,6 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -219,11 +218,8 @@ def test_hybrid_layer_types_family_keeps_training(tmp_path):  # RELIABILITY 18 (
     assert module.model.config.layer_types == [before[i] for i in kept]
 
 
-def test_ddp_ranks_remove_the_same_layers(tmp_path):  # RELIABILITY 9 and 10
-    script = Path(__file__).parent / "ddp_prune_script.py"
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+def test_ddp_ranks_remove_the_same_layers(ddp_runs):  # RELIABILITY 9 and 10
+    ranks = ddp_runs("prune")
     assert ranks[0]["removed"] == ranks[1]["removed"]  # rank 1's own (different) random choice was overridden
     assert ranks[0]["num_layers"] == ranks[1]["num_layers"] == LAYERS - 2
     for k, v in ranks[0]["state"].items():
