@@ -91,7 +91,10 @@ def check_strategy_supported(trainer: pl.Trainer, who: str, fsdp2: bool = True) 
 
 def is_fsdp2(module: nn.Module) -> bool:
     """Whether ``module`` or one of its submodules was sharded with ``fully_shard`` (FSDP2)."""
-    from torch.distributed.fsdp import FSDPModule
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6 keeps FSDP2 under its first, private path
+        from torch.distributed._composable.fsdp import FSDPModule
 
     return any(isinstance(m, FSDPModule) for m in module.modules())
 
@@ -162,8 +165,11 @@ def refresh_fsdp2_root(module: nn.Module) -> int:
     this is the one place that touches its internals, checked at setup by :func:`check_strategy_supported`.
 
     Returns:
-        How many FSDP2 states were reset (0 for a module without FSDP2: nothing happens).
+        How many FSDP2 states were reset (0 for a module without FSDP2: nothing happens, and FSDP2's internals are
+        not looked for, so single-device and DDP runs work on any torch).
     """
+    if not is_fsdp2(module):
+        return 0
     get_state, state_context = _fsdp2_internals()
     states = {id(s): s for m in module.modules() if (s := get_state(m)) is not None}
     for state in states.values():

@@ -43,8 +43,11 @@ def _hidden_from_output(output: Any) -> Tensor | None:
         return output
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
         return output[0]
-    value = getattr(output, "hidden_states", None) or getattr(output, "last_hidden_state", None)
-    return value if isinstance(value, Tensor) else None
+    for name in ("hidden_states", "last_hidden_state"):  # a ModelOutput-like object (never `or`: a Tensor has no bool)
+        value = getattr(output, name, None)
+        if isinstance(value, Tensor):
+            return value
+    return None
 
 
 class BlockInfluenceRecorder:

@@ -57,6 +57,25 @@ def test_removes_lowest_bi_layers_and_keeps_training(tmp_path):
     assert prune.depth_events[0].original_layers == expected
 
 
+def test_runs_on_a_torch_without_fsdp2s_newer_paths(tmp_path, monkeypatch):
+    """torch 2.4/2.5 (the requirements' lower bound) have neither ``torch.distributed.fsdp.FSDPModule`` nor
+    ``torch.distributed.fsdp._fully_shard``: a single-device prune, freeze and export never looks for them."""
+    import torch.distributed._composable.fsdp  # noqa: F401 - FSDP2 where torch 2.4 placed it (imported before the removal)
+    import torch.distributed.fsdp as fsdp
+    from transformers import AutoModelForCausalLM
+
+    from lp_callbacks import LayerFreezeCallback
+
+    monkeypatch.delattr(fsdp, "FSDPModule")
+    monkeypatch.setitem(sys.modules, "torch.distributed.fsdp._fully_shard._fsdp_state", None)  # import fails
+    module = TinyLM()
+    prune = LayerPruneCallback(num_layers=2, at_steps=[2], export_dir=tmp_path / "export")
+    freeze = LayerFreezeCallback(num_frozen=2, scores=[0.9, 0.1, 0.8, 0.2, 0.7, 0.3])
+    fast_trainer(tmp_path, callbacks=[BlockInfluenceMonitor(), freeze, prune], max_steps=4).fit(module, loader())
+    assert n_layers(module) == LAYERS - 2
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "export").config.num_hidden_layers == LAYERS - 2
+
+
 def test_monitor_created_when_absent(tmp_path):
     prune = LayerPruneCallback(num_layers=1, at_steps=[2])
     trainer = fast_trainer(tmp_path, callbacks=[prune], max_steps=3)

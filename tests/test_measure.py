@@ -103,3 +103,44 @@ def test_bad_input(kwargs, error, match):
     args = {"batches": [random_batch()], **kwargs}
     with pytest.raises(error, match=match):
         block_influence(tiny_model("llama"), **args)
+
+
+def test_custom_blocks_returning_an_output_object_are_measured():
+    """A custom stack (``layers_path``) whose blocks return an object holding ``hidden_states``, as HF's
+    ``ModelOutput`` does: BI is measured from that tensor."""
+    from dataclasses import dataclass
+
+    from torch import nn
+
+    from lp_callbacks.functional import bi_from_hidden_states
+    from lp_callbacks.recorder import BlockInfluenceRecorder
+
+    @dataclass
+    class BlockOutput:
+        hidden_states: torch.Tensor
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return BlockOutput(x + self.proj(x))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(Block() for _ in range(3))
+
+        def forward(self, x):
+            states = [x]
+            for block in self.blocks:
+                states.append(block(states[-1]).hidden_states)
+            return states
+
+    net, x = Net(), torch.randn(2, 5, 8)
+    recorder = BlockInfluenceRecorder(net, layers_path="blocks")
+    with torch.no_grad(), recorder.recording():
+        states = net(x)
+    (total, count, _), _ = recorder.take_sums()
+    torch.testing.assert_close(total / count, bi_from_hidden_states(states).double(), atol=1e-6, rtol=0)
