@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from torch import nn
@@ -74,6 +74,7 @@ def _gpt2_renumber_refusal(config: Any) -> str | None:
 
 
 _LLAMA_LIKE = Architecture(layer_paths=("model.layers", "layers"))
+_QWEN_MOE = replace(_LLAMA_LIKE, layer_index_fields=("mlp_only_layers",), moe_sparse_step_field="decoder_sparse_step")
 
 #: model_type -> Architecture. Add a family here (and a tiny config to ``tests/conftest.py``), nowhere else.
 ARCHITECTURES: dict[str, Architecture] = {
@@ -82,16 +83,8 @@ ARCHITECTURES: dict[str, Architecture] = {
     "mixtral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
-    "qwen2_moe": Architecture(
-        layer_paths=("model.layers", "layers"),
-        layer_index_fields=("mlp_only_layers",),
-        moe_sparse_step_field="decoder_sparse_step",
-    ),
-    "qwen3_moe": Architecture(
-        layer_paths=("model.layers", "layers"),
-        layer_index_fields=("mlp_only_layers",),
-        moe_sparse_step_field="decoder_sparse_step",
-    ),
+    "qwen2_moe": _QWEN_MOE,
+    "qwen3_moe": _QWEN_MOE,
     "gemma": _LLAMA_LIKE,
     "gemma2": _LLAMA_LIKE,
     "gemma3_text": _LLAMA_LIKE,
@@ -104,10 +97,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "stablelm": _LLAMA_LIKE,
     "starcoder2": _LLAMA_LIKE,
     "cohere": _LLAMA_LIKE,
-    "smollm3": Architecture(
-        layer_paths=("model.layers", "layers"),
-        per_layer_fields=("layer_types", "mlp_layer_types", "no_rope_layers"),
-    ),
+    "smollm3": replace(_LLAMA_LIKE, per_layer_fields=("layer_types", "mlp_layer_types", "no_rope_layers")),
     "gpt2": Architecture(layer_paths=("transformer.h", "h"), renumber_refusal=_gpt2_renumber_refusal),
     "gptj": Architecture(layer_paths=("transformer.h", "h")),
     "bloom": Architecture(layer_paths=("transformer.h", "h")),

@@ -70,13 +70,9 @@ def count_parameters(module: nn.Module) -> ParameterCounts:
         >>> count_parameters(nn.Linear(4, 3))
         ParameterCounts(total=15, trainable=15)
     """
-    total = trainable = 0
-    for p in module.parameters():  # yields a shared (tied) parameter once
-        n = p.numel()
-        total += n
-        if p.requires_grad:
-            trainable += n
-    return ParameterCounts(total=total, trainable=trainable)
+    params = list(module.parameters())  # yields a shared (tied) parameter once
+    return ParameterCounts(total=sum(p.numel() for p in params),
+                           trainable=sum(p.numel() for p in params if p.requires_grad))
 
 
 @dataclass(frozen=True)

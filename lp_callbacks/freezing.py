@@ -10,7 +10,6 @@ Example:
 from __future__ import annotations
 
 import difflib
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -21,15 +20,11 @@ from torch import Tensor, nn
 from lp_callbacks.architectures import DecoderStack, input_embeddings, output_embeddings
 from lp_callbacks.events import DepthEvent
 from lp_callbacks.selection import highest_scores, sample_layers
-from lp_callbacks.validation import check_amount, check_bool, check_int
+from lp_callbacks.validation import check_amount, check_bool, check_int, round_half_up
 
 __all__ = [
-    "SAMPLINGS",
-    "FreezeArguments",
     "check_fits_model",
     "check_freeze_arguments",
-    "check_scores",
-    "check_sources",
     "check_warmup",
     "count_frozen",
     "decision_due",
@@ -39,14 +34,9 @@ __all__ = [
     "freeze_metrics",
     "optimizer_state_bytes",
     "present_scores",
-    "resolve_names",
-    "resolve_protected",
     "sample_frozen",
     "select_frozen",
     "training_sizes",
-    "unique_params",
-    "uses_checkpointing",
-    "warn_if_tied",
 ]
 
 
@@ -216,9 +206,9 @@ def count_frozen(mode: str, amount: int | float, num_layers: int) -> int:
             )
         frozen = num_layers - int(amount)
     elif mode == "fraction_frozen":
-        frozen = math.floor(amount * num_layers + 0.5)
+        frozen = round_half_up(amount, num_layers)
     else:
-        frozen = num_layers - math.floor(amount * num_layers + 0.5)
+        frozen = num_layers - round_half_up(amount, num_layers)
     if frozen >= num_layers:
         raise ValueError(
             f"`{mode}={amount!r}` would freeze {frozen} of the model's {num_layers} decoder blocks: at least one block"
@@ -227,15 +217,6 @@ def count_frozen(mode: str, amount: int | float, num_layers: int) -> int:
     if frozen == 0:
         rank_zero_warn(f"LayerFreezeCallback: `{mode}={amount!r}` of {num_layers} decoder blocks freezes none of them.")
     return frozen
-
-
-def unique_params(modules: Iterable[nn.Module]) -> list[nn.Parameter]:
-    """The parameters of ``modules``, each shared one (tied weights) once."""
-    seen: dict[int, nn.Parameter] = {}
-    for module in modules:
-        for param in module.parameters():
-            seen.setdefault(id(param), param)
-    return list(seen.values())
 
 
 def resolve_protected(stack: DecoderStack, flags: Mapping[str, bool]) -> dict[str, list[nn.Module]]:
@@ -272,11 +253,12 @@ def resolve_protected(stack: DecoderStack, flags: Mapping[str, bool]) -> dict[st
 
 def fixed_params(stack: DecoderStack, pl_module: nn.Module, protect: Mapping[str, bool],
                  also_freeze: Sequence[str]) -> list[nn.Parameter]:
-    """The parameters frozen whatever BI says: the ``protect`` ed modules and those named in ``also_freeze``."""
+    """The parameters frozen whatever BI says: the ``protect`` ed modules and those named in ``also_freeze``, each
+    shared one (tied weights) once."""
     protected = resolve_protected(stack, protect)
-    extra = resolve_names(stack.root, pl_module, also_freeze)
+    modules = [m for ms in protected.values() for m in ms] + resolve_names(stack.root, pl_module, also_freeze)
     warn_if_tied(stack.root, protect)
-    return unique_params([m for modules in protected.values() for m in modules] + extra)
+    return list(dict.fromkeys(p for m in modules for p in m.parameters()))
 
 
 def resolve_names(hf: nn.Module, pl_module: nn.Module, names: Sequence[str]) -> list[nn.Module]:

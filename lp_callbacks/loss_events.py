@@ -112,7 +112,7 @@ class EventRecord:
         if self.status != "recovering":
             return
         self.post = (self.post + [loss])[-rule.loss_window :]
-        smoothed = sum(self.post) / len(self.post)
+        smoothed = _mean(self.post)
         before = self.loss_before if self.loss_before is not None else math.inf
         if smoothed <= before + rule.recovery_tolerance * abs(before):
             self.recovery_steps, self.status, self.post = step - self.event.step, "recovered", []
@@ -191,14 +191,14 @@ class LossTracker:
         if not self._pending:
             return
         pending, self._pending = self._pending, []
-        tensors = [loss if loss.ndim == 0 else loss.reshape(()) for _, loss, _ in pending if isinstance(loss, Tensor)]
+        tensors = [loss.reshape(()) for _, loss, _ in pending if isinstance(loss, Tensor)]
         host = iter(torch.stack(tensors).double().tolist() if tensors else [])
         per_step: dict[int, list[float]] = {}
         for start, loss, scale in pending:
             value = next(host) if isinstance(loss, Tensor) else float(loss)
             per_step.setdefault(start, []).append(value * scale)
         for step in sorted(per_step):
-            value = sum(per_step[step]) / len(per_step[step])  # mean over the micro-batches of one optimizer step
+            value = _mean(per_step[step])  # mean over the micro-batches of one optimizer step
             if not math.isfinite(value):
                 continue
             for record in self.records:
@@ -212,7 +212,7 @@ class LossTracker:
     def close_interval(self, step: int) -> None:
         """Add the mean loss since the previous call to :attr:`curve` at ``step``."""
         if self._interval:
-            self.curve.append((step, sum(self._interval) / len(self._interval)))
+            self.curve.append((step, _mean(self._interval)))
         self._interval = []
 
     def add_event(self, source: str, event: DepthEvent) -> EventRecord | None:
@@ -221,9 +221,8 @@ class LossTracker:
         if any(r.key() == record.key() for r in self.records):
             return None
         self.records.append(record)
-        for step, value in list(self.log):  # losses after the event that are already on the host
-            if step >= event.step:
-                record.feed(step, value, self.log, self.rule)
+        for step, value in list(self.log):  # losses already on the host (feed skips those before the event)
+            record.feed(step, value, self.log, self.rule)
         return record
 
     def scan(self, callbacks: Iterable[object]) -> list[EventRecord]:

@@ -76,16 +76,10 @@ def calibration_pass(
     check_int("max_batches", max_batches, minimum=1, allow_none=True)
     model = recorder.stack.root
     runner = _runner(recorder.stack)
-    device = next(model.parameters()).device
-    position_ids = takes_position_ids(runner)
-    was_training = model.training
-    model.eval()
-    try:
-        with recorder.recording(), torch.no_grad():
-            for batch in progress(batches, max_batches, desc):
-                runner(**model_inputs(batch, device, position_ids), use_cache=False)
-    finally:
-        model.train(was_training)
+    device, position_ids = device_of(model), takes_position_ids(runner)
+    with evaluating(model), recorder.recording():
+        for batch in progress(batches, max_batches, desc):
+            runner(**model_inputs(batch, device, position_ids), use_cache=False)
 
 
 def measure_depth(

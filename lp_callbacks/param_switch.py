@@ -36,8 +36,7 @@ class ParamSwitch:
         fixed: parameters frozen whatever the chosen blocks are.
         optimizers: the optimizers, with their param groups as configured (every parameter in).
         frozen_before: parameters an earlier switch froze (a second fit): they stay switchable.
-        input_grads: turn on HF's ``enable_input_require_grads`` when the model checkpoints activations (frozen
-            embeddings under reentrant checkpointing).
+        input_grads: call :func:`~lp_callbacks.freezing.enable_input_require_grads` on the first apply.
     """
 
     def __init__(

@@ -53,7 +53,9 @@ EVENTS_FILE = "events.png"
 _KIND_COLORS = {"prune": "tab:red", "freeze": "tab:blue", "unfreeze": "tab:green"}
 _REMOVED_COLOR = "lightgrey"
 _LABEL_BOX = {"boxstyle": "square,pad=0.1", "facecolor": "white", "edgecolor": "none", "alpha": 0.8}  # over lines
-_LOG_RATIO = 20  # a log scale when the largest positive BI is over this many times the smallest
+# ``log_scale=None``: a log scale when the largest positive BI is over this many times the smallest (typical of real
+# models, whose first block dwarfs the others)
+_LOG_RATIO = 20
 
 
 def _new_figure(width: float, height: float) -> Figure:
@@ -121,8 +123,12 @@ def frozen_layers(events: Iterable[DepthEvent | Mapping[str, Any]]) -> set[int]:
     return frozen
 
 
-def _spans_decades(values: np.ndarray) -> bool:
-    positive = values[np.isfinite(values) & (values > 0)]
+def _positive(values: np.ndarray) -> np.ndarray:
+    return values[np.isfinite(values) & (values > 0)]
+
+
+def _spans_decades(positive: np.ndarray) -> bool:
+    """Whether the largest of the ``positive`` values is over :data:`_LOG_RATIO` times the smallest."""
     return bool(positive.size) and bool(positive.max() > _LOG_RATIO * positive.min())
 
 
@@ -163,8 +169,7 @@ def plot_bi_heatmap(
         events: :class:`DepthEvent` (or their dicts), drawn as dashed vertical lines coloured by kind.
         original_num_layers: depth before any removal (rows of the map).
         path: write the PNG there too.
-        log_scale: logarithmic colours; ``None`` chooses them when the largest BI is over 20 times the smallest
-            (typical of real models, whose first block dwarfs the others).
+        log_scale: logarithmic colours; ``None`` chooses them when BI spans decades (:data:`_LOG_RATIO`).
     """
     events = [_event_dict(e) for e in events]
     matrix, steps = bi_matrix(history, original_num_layers)
@@ -176,9 +181,9 @@ def plot_bi_heatmap(
 
         ax = fig.add_subplot()
         cmap = matplotlib.colormaps["viridis"].with_extremes(bad=_REMOVED_COLOR)
-        positive = matrix[np.isfinite(matrix) & (matrix > 0)]
+        positive = _positive(matrix)
         if log_scale is None:
-            log_scale = _spans_decades(matrix)
+            log_scale = _spans_decades(positive)
         norm = None
         if log_scale and positive.size:
             norm = matplotlib.colors.LogNorm(vmin=positive.min(), vmax=positive.max())
@@ -226,8 +231,7 @@ def plot_bi_profile(
         path: write the PNG there too.
         removed_bi: ``{original index: last measured BI}`` (:func:`last_measured_bi` of the BI history); entries of
             current layers are ignored.
-        log_scale: logarithmic BI axis; ``None`` chooses it when the largest BI is over 20 times the smallest (as
-            the heatmap does).
+        log_scale: logarithmic BI axis; ``None`` chooses it as the heatmap does (:data:`_LOG_RATIO`).
     """
     values = [float(v) for v in block_influence]
     indices = [int(i) for i in original_indices]
@@ -258,7 +262,7 @@ def plot_bi_profile(
             handles += ax.plot(unmeasured, [0.03] * len(unmeasured), transform=ax.get_xaxis_transform(),
                                linestyle="none", marker="x", color="grey", label="removed (not measured)")
         if log_scale is None:
-            log_scale = _spans_decades(np.asarray(heights + list(last.values())))
+            log_scale = _spans_decades(_positive(np.asarray(heights + list(last.values()))))
         if log_scale:
             ax.set_yscale("log")
         if threshold is not None:

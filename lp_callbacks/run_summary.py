@@ -192,23 +192,24 @@ _ROWS = (
 )
 
 
+def _row(label: str, pair: Mapping[str, Any], kind: str) -> str:
+    """One table row: a 2-space indent, the 20-column label, "before", "after" and the change."""
+    before, after = pair["before"], pair["after"]
+    return f"  {label:<20}{_fmt(before, kind):>14}{_fmt(after, kind):>14}  {_change(before, after)}"
+
+
 def _evaluation_lines(source: str, section: Mapping[str, Any]) -> list[str]:
     """A header, then one row per measure indented under it: "before" (fit start), "after" (fit end), the change."""
     steps = section["step"]
-    lines = [f"  control evaluation ({source}), step {steps['before']} -> {steps['after']}"]
-    for name, pair in section["measures"].items():
-        before, after = pair["before"], pair["after"]
-        lines.append(f"  {'  ' + name:<20}{_fmt(before, 'num'):>14}{_fmt(after, 'num'):>14}  {_change(before, after)}")
-    return lines
+    return [f"  control evaluation ({source}), step {steps['before']} -> {steps['after']}",
+            *(_row("  " + name, pair, "num") for name, pair in section["measures"].items())]
 
 
 def format_summary(summary: Mapping[str, Any], path: str | os.PathLike[str]) -> str:
     """The summary as a table: a 2-space indent, a 20-column label, then "before", "after" and the change; the
     means; one line per event; the control evaluations' measures before and after; the folder of ``path``."""
     lines = [f"DepthEfficiencyMonitor summary at step {summary['step']}", f"  {'':<20}{'before':>14}{'after':>14}"]
-    for label, key, kind in _ROWS:
-        before, after = summary[key]["before"], summary[key]["after"]
-        lines.append(f"  {label:<20}{_fmt(before, kind):>14}{_fmt(after, kind):>14}  {_change(before, after)}")
+    lines += (_row(label, summary[key], kind) for label, key, kind in _ROWS)
     peak = summary["peak_memory_bytes"]
     for label, value in (("tokens/s (mean)", summary["tokens_per_sec_mean"]),
                          ("step time s (mean)", summary["step_time_sec_mean"]),

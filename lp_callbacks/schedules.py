@@ -16,7 +16,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from lp_callbacks.validation import check_int
+from lp_callbacks.validation import check_int, round_half_up
 
 __all__ = ["GradualSchedule", "PruneSchedule", "plan_removals", "split_evenly", "unmeasured_events"]
 
@@ -91,10 +91,6 @@ class PruneSchedule:
         if not isinstance(gradual, GradualSchedule):
             raise ValueError(f"`gradual` must be a GradualSchedule or a dict of its fields, got {gradual!r}.")
         return cls(steps=gradual.steps())
-
-    @property
-    def num_events(self) -> int:
-        return len(self.steps) + len(self.epochs)
 
     def event_ids(self) -> list[str]:
         """Stable names of the events, kept in checkpoints to know which already fired."""
@@ -184,7 +180,7 @@ def plan_removals(
     if name == "layers_per_event":
         counts = [int(value)] * len(future)
     else:
-        total = int(value) if name == "num_layers" else math.floor(value * num_layers + 0.5)
+        total = int(value) if name == "num_layers" else round_half_up(value, num_layers)
         if total < 1:
             raise ValueError(f"`fraction={value}` of {num_layers} layers removes no layer; raise it.")
         left = total - already

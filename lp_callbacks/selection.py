@@ -57,15 +57,14 @@ class AblationSettings:
         return cls(calibration_dataloader, calibration_batches, ablation_greedy)
 
 
-def _candidates(num_layers: int, protected: Collection[int]) -> list[int]:
-    return [i for i in range(num_layers) if i not in protected]
-
-
-def _check_enough(k: int, candidates: list[int], num_layers: int, protected: Collection[int]) -> None:
+def _candidates(k: int, num_layers: int, protected: Collection[int]) -> list[int]:
+    """The unprotected layers; raises when fewer than ``k``."""
+    candidates = [i for i in range(num_layers) if i not in protected]
     if k > len(candidates):
         raise ValueError(
             f"cannot remove {k} of {num_layers} layers: only {len(candidates)} are not protected (protected: {sorted(protected)})."
         )
+    return candidates
 
 
 def _lowest(values: Tensor, k: int, candidates: list[int]) -> list[int]:
@@ -79,8 +78,7 @@ def lowest_scores(scores: Tensor, k: int, protected: Collection[int] = ()) -> li
 
     Raises ``ValueError`` when fewer than ``k`` unprotected layers have a finite score.
     """
-    candidates = _candidates(len(scores), protected)
-    _check_enough(k, candidates, len(scores), protected)
+    candidates = _candidates(k, len(scores), protected)
     measured = [i for i in candidates if torch.isfinite(scores[i])]
     if len(measured) < k:
         raise ValueError(
@@ -98,8 +96,7 @@ def highest_scores(scores: Tensor, k: int, protected: Collection[int] = ()) -> l
         >>> highest_scores(torch.tensor([0.9, float("nan"), 0.3, 0.9]), 2)
         [0, 1]
     """
-    candidates = _candidates(len(scores), protected)
-    _check_enough(k, candidates, len(scores), protected)
+    candidates = _candidates(k, len(scores), protected)
     return _lowest(-torch.nan_to_num(scores.double(), nan=math.inf), k, candidates)
 
 
@@ -122,15 +119,13 @@ def best_contiguous_block(distances: Tensor, block_size: int, num_layers: int, p
 
 def last_layers(num_layers: int, k: int, protected: Collection[int] = ()) -> list[int]:
     """Baseline: the ``k`` deepest unprotected layers."""
-    candidates = _candidates(num_layers, protected)
-    _check_enough(k, candidates, num_layers, protected)
+    candidates = _candidates(k, num_layers, protected)
     return candidates[len(candidates) - k :]
 
 
 def random_layers(num_layers: int, k: int, protected: Collection[int] = (), seed: int = 0) -> list[int]:
     """Baseline: ``k`` unprotected layers drawn with a private generator (the global RNG is left alone)."""
-    candidates = _candidates(num_layers, protected)
-    _check_enough(k, candidates, num_layers, protected)
+    candidates = _candidates(k, num_layers, protected)
     order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(seed))[:k]
     return sorted(candidates[i] for i in order.tolist())
 

@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["DTYPE_NAMES", "check_amount", "check_bool", "check_dtype", "check_fraction", "check_int", "check_number"]
+__all__ = ["DTYPE_NAMES", "check_amount", "check_bool", "check_dtype", "check_fraction", "check_int", "check_number",
+           "round_half_up"]
 
 #: The dtype names an error message suggests; any floating dtype's name as torch spells it is taken (``"half"``).
 DTYPE_NAMES: tuple[str, ...] = ("float32", "bfloat16", "float16", "float64")
@@ -63,9 +64,14 @@ def check_number(
     return value
 
 
-def check_fraction(name: str, value: Any, allow_none: bool = False) -> Any:
+def check_fraction(name: str, value: Any) -> Any:
     """``value`` when it is a number in the open interval (0, 1)."""
-    return check_number(name, value, 0.0, 1.0, low_open=True, high_open=True, allow_none=allow_none)
+    return check_number(name, value, 0.0, 1.0, low_open=True, high_open=True)
+
+
+def round_half_up(fraction: float, n: int) -> int:
+    """``fraction`` of ``n`` items as a count, halves rounded up (not to even, as ``round`` does)."""
+    return math.floor(fraction * n + 0.5)
 
 
 def check_bool(name: str, value: Any) -> bool:

@@ -119,7 +119,6 @@ class BlockInfluenceMonitor(Callback):
         self._skipped_since_log: Tensor | int = 0
         self._running = RunningMean(aggregation, ema_decay, window)
         self._running_angular: dict[int, RunningMean] = {n: RunningMean(aggregation, ema_decay, window) for n in self.block_sizes}
-        self._ema_decay, self._window = ema_decay, window
         self._steps = OptimizerStepTracker()
         self._pending = False
         self._rebuild_hook: Any = None  # rebuilds a pruned checkpoint's architecture before its weights load
@@ -156,7 +155,7 @@ class BlockInfluenceMonitor(Callback):
         """Start tracking angular distances over ``block_size`` contiguous blocks (for a Gromov-style pruner)."""
         check_int("block_size", block_size, minimum=1)
         if block_size not in self._running_angular:
-            self._running_angular[block_size] = RunningMean(self.aggregation, self._ema_decay, self._window)
+            self._running_angular[block_size] = RunningMean(self.aggregation, self._running.ema_decay, self._running.window)
             self.block_sizes = tuple(sorted({*self.block_sizes, block_size}))
             if self.recorder is not None:
                 self.recorder.add_block_size(block_size)
@@ -259,7 +258,6 @@ class BlockInfluenceMonitor(Callback):
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.source == "validation" and not trainer.sanity_checking and self.recorder is not None:
-            self._pending = True
             self._finalize_step(trainer)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -335,15 +333,13 @@ class BlockInfluenceMonitor(Callback):
             return
         calibration_pass(self.recorder, self.calibration_dataloader, self.calibration_batches,
                          "BlockInfluenceMonitor: calibration")
-        self._pending = True
         self._finalize_step(trainer)
 
     def _finalize_step(self, trainer: pl.Trainer) -> None:
         """Reduce this step's sums across ranks, fold them into the running statistics, log, record history."""
         self._pending = False
         recorder = self.recorder
-        if recorder is None:
-            return
+        assert recorder is not None  # every caller holds one: a pending step implies a recorder (_detach clears both)
         (total, count, skipped), angular = recorder.take_sums()
         # Everything stays on the device until a logging step reads it: no GPU sync on ordinary steps.
         self._running.add(total, count)

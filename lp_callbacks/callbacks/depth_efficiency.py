@@ -20,6 +20,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import WarningCache
 from torch import Tensor
 
 from lp_callbacks import depth_stats
@@ -169,7 +170,7 @@ class DepthEfficiencyMonitor(Callback):
         self._trainer: pl.Trainer | None = None
         self._batch_step: int | None = None  # trainer.global_step when the current batch started
         self._batch_seq_len: int | None = None
-        self._warned: set[str] = set()
+        self._warnings = WarningCache()
 
     # ================================================================ public API
     @property
@@ -302,11 +303,6 @@ class DepthEfficiencyMonitor(Callback):
         self.last_logged_step = state_dict.get("last_logged_step")
 
     # ================================================================ internals
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            rank_zero_warn(message)
-
     def _num_layers(self, pl_module: pl.LightningModule) -> int:
         return len(get_decoder_layers(pl_module, self.layers_path))
 
@@ -317,7 +313,7 @@ class DepthEfficiencyMonitor(Callback):
     def _model_size(self, pl_module: pl.LightningModule) -> dict[str, Any]:
         seq_len = self.seq_len or self._batch_seq_len
         return depth_stats.model_size(pl_module, self.layers_path, seq_len, causal=self.causal_flops,
-                                      warn=lambda message: self._warn_once("flops", message))
+                                      warn=self._warnings.warn)
 
     def _threshold(self, monitor: Any) -> float | None:
         if self.threshold is not None:
@@ -329,8 +325,7 @@ class DepthEfficiencyMonitor(Callback):
         scale = float(trainer.accumulate_grad_batches) if pl_module.automatic_optimization else 1.0
         found = read_loss(outputs, trainer.callback_metrics, self.loss_key, outputs_scale=scale)
         if found is None:
-            self._warn_once(
-                "loss",
+            self._warnings.warn(
                 "DepthEfficiencyMonitor: found no training loss (neither `outputs['loss']` nor"
                 f" `trainer.callback_metrics[{self.loss_key or 'train_loss'!r}]`): the loss around events is not"
                 " tracked. Pass `loss_key` naming a logged scalar.",

@@ -280,8 +280,7 @@ class LayerFreezeCallback(Callback):
             count_frozen(self.mode, self.amount, final_depth)
 
     def on_before_prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, current_indices: list[int]) -> None:
-        """The groups go back to their configured layout (frozen parameters in, without state) for the removal: a
-        group that loses its trainable parameters but keeps frozen ones is not taken for an emptied one."""
+        """The configured layouts for the removal: :meth:`ParamSwitch.restore_layouts`."""
         if self._switch is not None:
             self._switch.restore_layouts(trainer.optimizers)
 
@@ -301,7 +300,7 @@ class LayerFreezeCallback(Callback):
                            original_indices=original_indices(self._stack))  # type: ignore[arg-type]
 
     def _follow_removals(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Re-read the blocks after a removal; forget what left, in the layouts and param groups too."""
+        """Drop removed blocks from the frozen set; :meth:`ParamSwitch.follow_removals`."""
         if self._stack is None:
             return
         present = set(original_indices(self._stack))
@@ -388,8 +387,7 @@ class LayerFreezeCallback(Callback):
 
     # ================================================================ internals: applying
     def _apply(self, trainer: pl.Trainer, originals: Sequence[int]) -> None:
-        """Make exactly the blocks with these original indices (plus the fixed modules) frozen: requires_grad,
-        optimizers, DDP wrapper."""
+        """:meth:`ParamSwitch.apply` to the blocks with these original indices."""
         assert self._switch is not None and self._stack is not None
         wanted = set(originals)
         self._switch.apply(trainer, [i for i, o in enumerate(original_indices(self._stack)) if o in wanted])

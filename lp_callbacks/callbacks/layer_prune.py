@@ -302,8 +302,7 @@ class LayerPruneCallback(Callback):
     def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, event: str) -> None:
         started = time.perf_counter()
         chosen, scores = self._choose(trainer, self.plan[event], event)
-        chosen = trainer.strategy.broadcast(chosen, src=0)  # every rank removes what rank 0 chose
-        scores = trainer.strategy.broadcast(scores, src=0)
+        chosen, scores = trainer.strategy.broadcast((chosen, scores), src=0)  # every rank removes what rank 0 chose
         notify_before_prune(trainer, pl_module, chosen)
         original = self._remove(trainer, chosen)
         notify_after_prune(trainer, pl_module, original)
