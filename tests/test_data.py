@@ -97,6 +97,17 @@ def test_jsonl_with_text_field(tmp_path, tokenizer):
         bad.setup("fit")
 
 
+def test_short_rows_in_a_text_column_lose_only_the_last_tail(tmp_path, tokenizer):
+    """JSON lines with a ``text`` column (the usual case, and a Hub dataset's): rows are packed 1000 at a time, so
+    30 rows of 11 tokens make 10 blocks of 32 (only the last 10-token tail dropped), not 8 (8 rows per map batch,
+    each batch's 24-token tail dropped: a quarter of the text)."""
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(json.dumps({"text": random_text(10, seed=i)}) for i in range(30)))
+    dm = make_dm([path], tokenizer, tmp_path, val_fraction=0.0)
+    dm.setup("fit")
+    assert len(dm.train_dataset) == (30 * 11) // 32
+
+
 def test_split_is_disjoint_complete_and_deterministic(text_files, tokenizer, tmp_path):
     def split(seed: int) -> tuple[set, set]:
         dm = make_dm(text_files, tokenizer, tmp_path, val_fraction=0.25, seed=seed)

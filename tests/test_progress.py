@@ -23,9 +23,12 @@ class Clock:
 
 
 def fake_trainer(**kwargs):
+    """A Trainer's attributes; ``estimated_stepping_batches`` as Lightning gives it for ``max_epochs=-1``."""
     defaults = dict(global_step=0, max_steps=100, log_every_n_steps=10, progress_bar_metrics={}, callback_metrics={},
-                    sanity_checking=False, estimated_stepping_batches=float("inf"), is_global_zero=True)
-    return SimpleNamespace(**{**defaults, **kwargs})
+                    sanity_checking=False, is_global_zero=True)
+    settings = {**defaults, **kwargs}
+    settings.setdefault("estimated_stepping_batches", settings["max_steps"] if settings["max_steps"] > 0 else float("inf"))
+    return SimpleNamespace(**settings)
 
 
 def steps(progress: ProgressLog, trainer, up_to: int) -> None:
@@ -82,12 +85,28 @@ def test_validation_line_when_the_loss_is_computed():
     progress = ProgressLog(stream=out)
     trainer = fake_trainer(global_step=25, callback_metrics={"val_loss": torch.tensor(3.7169),
                                                               "val_ppl": torch.tensor(41.14), "train_loss": 1.0})
+    progress.on_train_start(trainer, None)
     progress.on_validation_end(trainer, None)
     trainer.sanity_checking = True
     progress.on_validation_end(trainer, None)  # the sanity check prints nothing
     trainer.sanity_checking, trainer.callback_metrics = False, {"train_loss": 1.0}
     progress.on_validation_end(trainer, None)  # no validation metric: nothing
     assert out.getvalue() == "step 25/100  val_loss 3.7169  val_ppl 41.1400\n"
+
+
+@pytest.mark.parametrize(
+    ("settings", "heads"),
+    [(dict(max_steps=1000, estimated_stepping_batches=10), ["step 5/10 (50%)", "step 10/10 (100%)"]),  # epochs end it
+     (dict(max_steps=-1, estimated_stepping_batches=-1), ["step 5", "step 10"])],  # a streamed dataset: no total
+    ids=["epochs-first", "streamed"],
+)
+def test_the_total_is_the_steps_the_fit_reaches(settings, heads):
+    out = io.StringIO()
+    progress = ProgressLog(every_n_steps=5, clock=Clock(0.0, 5.0, 10.0), stream=out)
+    trainer = fake_trainer(**settings)
+    progress.on_train_start(trainer, None)
+    steps(progress, trainer, 10)
+    assert [line.split("  ")[0] for line in out.getvalue().splitlines()] == heads
 
 
 def test_disabled_prints_nothing():

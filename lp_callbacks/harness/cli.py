@@ -1,6 +1,7 @@
 """``lp-callbacks``: train, validate, test or measure a Hugging Face causal LM from a YAML config (a LightningCLI).
 
-Subcommands: ``fit``, ``validate``, ``test``, ``predict`` (as Lightning gives them), ``measure`` (the Block
+Subcommands: ``fit``, ``validate``, ``test`` (as Lightning gives them; ``test`` scores the held-out blocks, as
+``validate`` does, logging ``test_loss`` / ``test_ppl``), ``measure`` (the Block
 Influence profile of the model on a calibration split, no training; printed and saved as ``bi_profile.json``,
 ``bi_profile.csv`` and ``bi_profile.png``; with ``--ablation=true`` also the damage of removing each block alone)
 and ``evaluate`` (an exported pruned model against the config's model on control data and lm-eval tasks, side by
@@ -52,7 +53,7 @@ from pathlib import Path
 from typing import Any, Literal, NoReturn
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lp_callbacks.harness.data import TextDataModule
@@ -209,11 +210,22 @@ class HarnessTrainer(pl.Trainer):
             The report written to ``evaluation.json``.
         """
         from lp_callbacks.architectures import find_hf_model
-        from lp_callbacks.evaluation import PerplexityProtocol, generation_agreement, perplexity, teacher_agreement
+        from lp_callbacks.evaluation import (
+            PerplexityProtocol,
+            check_task_options,
+            generation_agreement,
+            perplexity,
+            teacher_agreement,
+        )
 
         _check_evaluate_args(max_batches=max_batches, seq_len=seq_len, stride=stride, prompts=prompts,
                              prompt_tokens=prompt_tokens, max_new_tokens=max_new_tokens, num_fewshot=num_fewshot)
         task_names = _task_names(tasks)
+        if task_names:  # refused now, not after the agreement and perplexity passes
+            try:
+                check_task_options(task_limit, include_path)
+            except (ValueError, FileNotFoundError) as err:
+                raise ConfigError(f"task_limit / include_path: {err}") from err
         path = Path(pruned).expanduser()
         if not (path / "config.json").is_file():
             raise ConfigError(f"pruned: must be a model directory (an export of LayerPruneCallback, with config.json),"
@@ -235,6 +247,8 @@ class HarnessTrainer(pl.Trainer):
                               f" blocks (its lp_pruning.json), but the config's model has {depth}.")
         limit = getattr(original.config, "max_position_embeddings", None)
         length = seq_len or min(datamodule.block_size, limit or datamodule.block_size)
+        if limit is not None and length > limit:
+            raise ConfigError(f"seq_len: must be <= the model's max_position_embeddings={limit}, got {length}.")
         default_stride = max(1, length // 2) if text_path is not None else length
         try:
             PerplexityProtocol(seq_len=length, stride=stride or default_stride, split="control")  # refused now
@@ -405,7 +419,9 @@ class LPCallbacksCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        return {**LightningCLI.subcommands(), "measure": {"model", "datamodule"}, "evaluate": {"model", "datamodule"}}
+        # no predict: a language-modelling harness has no predictions to write (CausalLMModule has no predict_step)
+        lightning = {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}
+        return {**lightning, "measure": {"model", "datamodule"}, "evaluate": {"model", "datamodule"}}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model", "data.init_args.tokenizer", compute_fn=_tokenizer_of, apply_on="instantiate")
@@ -426,7 +442,8 @@ class LPCallbacksCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         config = self.config_init.get(str(self.subcommand), self.config_init).get("trainer", {})
-        callbacks = list(config.get("callbacks") or [])
+        callbacks = config.get("callbacks") or []
+        callbacks = [callbacks] if isinstance(callbacks, Callback) else list(callbacks)  # the Trainer takes either
         off_terminal = not sys.stdout.isatty()
         if off_terminal and config.get("enable_progress_bar") is not False and not any(
             isinstance(c, ProgressBar) for c in callbacks
@@ -445,8 +462,14 @@ class LPCallbacksCLI(LightningCLI):
             print(format_fit_report(report), flush=True)
 
     def before_validate(self) -> None:
+        self._need_held_out("validate")
+
+    def before_test(self) -> None:
+        self._need_held_out("test")
+
+    def _need_held_out(self, command: str) -> None:
         if self.datamodule.val_fraction == 0:
-            raise ConfigError("data.init_args.val_fraction: `validate` needs held-out blocks, got 0.")
+            raise ConfigError(f"data.init_args.val_fraction: `{command}` needs held-out blocks, got 0.")
 
 
 def _constructor_error(err: BaseException) -> BaseException:

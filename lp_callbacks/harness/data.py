@@ -357,6 +357,10 @@ class TextDataModule(LightningDataModule):
             return []  # val_fraction=0: Lightning skips validation
         return self._loader(self.val_dataset, shuffle=False)
 
+    def test_dataloader(self) -> DataLoader | list:
+        """The held-out blocks, as :meth:`val_dataloader` (the corpus has no third split)."""
+        return self.val_dataloader()
+
     # ----------------------------------------------------------------------------------------------- helpers
 
     def calibration_dataloader(self) -> SplitLoader | None:
@@ -418,7 +422,7 @@ class TextDataModule(LightningDataModule):
                 "The tokenizer has no EOS token, which separates packed documents: set tokenizer.eos_token."
             )
         # Whole files are big documents: few per map batch keeps memory low. Rows of JSON/lines are small.
-        map_batch_size = 8 if text_field == "text" and self.text_sample_by == "document" else 1000
+        map_batch_size = 8 if self._builder() == "text" and self.text_sample_by == "document" else 1000
         # Our own fingerprint: datasets' hash of the function + tokenizer object is not stable between runs, which
         # would miss the cache. raw._fingerprint identifies the loaded data (paths, modification times, config).
         fingerprint = Hasher.hash(

@@ -60,7 +60,8 @@ class CausalLMModule(LightningModule):
     A pruned run's checkpoint loads into a freshly built, full-depth module (``load_from_checkpoint``,
     ``validate``/``test`` with ``ckpt_path``): ``on_load_checkpoint`` rebuilds the recorded architecture first.
 
-    Logs ``train_loss`` every step, and ``val_loss`` (mean over all predicted tokens) and ``val_ppl`` per validation.
+    Logs ``train_loss`` every step, and ``val_loss`` (mean over all predicted tokens) and ``val_ppl`` per validation
+    (``test_loss`` and ``test_ppl`` for ``trainer.test``, on the same held-out blocks).
 
     Args:
         model: where the HF causal LM comes from: a :class:`~lp_callbacks.harness.models.ModelSpec` (or a dict of
@@ -159,8 +160,8 @@ class CausalLMModule(LightningModule):
         self.save_hyperparameters(ignore=["model"])
         if self.model_spec is not None:
             self.save_hyperparameters({"model": self.model_spec.as_dict()})
-        # Token-weighted mean over the whole validation set (the mean of batch means would weight batches equally);
-        # torchmetrics sums across DDP ranks.
+        # Token-weighted mean over the whole validation (or test) set (the mean of batch means would weight batches
+        # equally); torchmetrics sums across DDP ranks.
         self.val_loss_mean = MeanMetric()
 
         # from_pretrained returns a model in eval mode and Lightning keeps the mode it finds: without this, dropout
@@ -181,13 +182,21 @@ class CausalLMModule(LightningModule):
         loss, n_tokens = self._lm_loss(batch)
         self.val_loss_mean.update(loss.detach(), weight=n_tokens)
 
+    test_step = validation_step
+
     def on_validation_epoch_end(self) -> None:
+        self._log_held_out("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_held_out("test")
+
+    def _log_held_out(self, prefix: str) -> None:
         if not self.val_loss_mean.update_called:
             return
-        val_loss = self.val_loss_mean.compute()
+        loss = self.val_loss_mean.compute()
         self.val_loss_mean.reset()
-        self.log("val_loss", val_loss, prog_bar=True)
-        self.log("val_ppl", torch.exp(val_loss))
+        self.log(f"{prefix}_loss", loss, prog_bar=True)
+        self.log(f"{prefix}_ppl", torch.exp(loss))
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # A pruned run's checkpoint holds fewer blocks: shrink this (full-depth) model to match before the weights

@@ -74,6 +74,7 @@ class ProgressLog(ProgressBar):
         self.stream = stream
         self._enabled = True
         self._start: tuple[float, int] | None = None  # (clock, global_step) when training started
+        self._total: int | None = None  # the optimizer steps the fit will reach, when known
         self._last_printed_step = -1
 
     # ----------------------------------------------------------------------------------- ProgressBar API
@@ -96,6 +97,7 @@ class ProgressLog(ProgressBar):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start = (self.clock(), trainer.global_step)
+        self._total = self._total_steps(trainer)
         self._last_printed_step = trainer.global_step
 
     def on_train_batch_end(
@@ -103,7 +105,7 @@ class ProgressLog(ProgressBar):
     ) -> None:
         step = trainer.global_step
         every = self.every_n_steps or max(1, trainer.log_every_n_steps)
-        total = self._total_steps(trainer)
+        total = self._total
         if step == self._last_printed_step or not (step % every == 0 or (total is not None and step >= total)):
             return  # no optimizer step in this batch (gradient accumulation), or not a printing step
         self._last_printed_step = step
@@ -137,16 +139,16 @@ class ProgressLog(ProgressBar):
         metrics = _scalars(trainer.callback_metrics, prefix="val")
         if not metrics:
             return None
-        total = self._total_steps(trainer)
+        total = self._total
         head = f"step {trainer.global_step}/{total}" if total else f"step {trainer.global_step}"
         return head + "".join(f"  {name} {value:.4f}" for name, value in metrics.items())
 
     @staticmethod
     def _total_steps(trainer: pl.Trainer) -> int | None:
-        if trainer.max_steps is not None and trainer.max_steps > 0:
-            return trainer.max_steps
+        """Lightning's own count (``max_steps``, or the epochs' optimizer steps when ``max_epochs`` ends the run
+        first, as an LR schedule reads it); ``None`` when unknown (-1 or infinite: an endless or streamed run)."""
         total = trainer.estimated_stepping_batches
-        return int(total) if math.isfinite(total) else None
+        return int(total) if math.isfinite(total) and total > 0 else None
 
 
 def _scalars(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
