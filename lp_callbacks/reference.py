@@ -22,20 +22,23 @@ from lp_callbacks.surgery import removed_original_indices, restore_layers
 
 __all__ = ["called_module", "fingerprint", "frozen_copy", "full_depth_copy"]
 
+# The forward and backward hooks (the package's own and users' monitors); state-dict hooks stay: a model may need
+# them to load the weights a full-depth copy is given.
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-               "_forward_pre_hooks_with_kwargs")
+               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _hookless_memo(model: nn.Module) -> dict[int, dict]:
+    """A ``deepcopy`` memo mapping every hook dict of ``model``'s modules to a new empty one: the copy gets no hooks,
+    and the objects that own them (a callback with its teacher, a monitor with its metrics) are not copied."""
+    return {id(hooks): type(hooks)() for module in model.modules() for name in _HOOK_DICTS
+            if (hooks := module.__dict__.get(name)) is not None}
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
-    """A deep copy without autograd, in eval mode, and without the forward hooks of ``model`` (a monitor's hooks on
-    the student must not see the copy's forwards)."""
-    twin = copy.deepcopy(model)
-    for module in twin.modules():
-        for name in _HOOK_DICTS:
-            hooks = module.__dict__.get(name)
-            if hooks:
-                hooks.clear()
-    return twin.requires_grad_(False).eval()
+    """A deep copy without autograd, in eval mode, and without the forward and backward hooks of ``model`` (a
+    monitor's hooks on the student must not see the copy's forwards)."""
+    return copy.deepcopy(model, _hookless_memo(model)).requires_grad_(False).eval()
 
 
 def full_depth_copy(student: nn.Module, weights: Mapping[str, Tensor], dtype: torch.dtype | None = None) -> nn.Module:
@@ -51,9 +54,12 @@ def full_depth_copy(student: nn.Module, weights: Mapping[str, Tensor], dtype: to
 def fingerprint(model: nn.Module) -> list[float]:
     """``[parameter count, sum, sum of squares]`` of the floating-point weights in float64: tells one model from
     another without keeping a copy."""
-    values = [p.detach().double() for p in model.state_dict().values() if torch.is_tensor(p) and p.is_floating_point()]
-    return [float(sum(v.numel() for v in values)), float(sum(v.sum() for v in values)),
-            float(sum((v * v).sum() for v in values))]
+    count, total, squares = 0, 0, 0  # summed in the same order as ever (checkpoints hold the value), one copy at a time
+    for p in model.state_dict().values():
+        if torch.is_tensor(p) and p.is_floating_point():
+            v = p.detach().double()
+            count, total, squares = count + v.numel(), total + v.sum(), squares + (v * v).sum()
+    return [float(count), float(total), float(squares)]
 
 
 def called_module(root: nn.Module, module: nn.Module) -> nn.Module:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
@@ -12,6 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lp_callbacks import BlockInfluenceMonitor, DistillationCallback, LayerPruneCallback, get_decoder_layers
 from lp_callbacks.distillation import aligned_hidden_pairs, hidden_alignment_loss, kd_loss, next_token_mask
+from lp_callbacks.reference import frozen_copy
 
 
 def reference_kd(student, teacher, mask, temperature=1.0):
@@ -227,6 +229,80 @@ def test_a_training_step_without_labels_or_loss_call_is_stopped(tmp_path):
 
     with pytest.raises(RuntimeError, match="ran without distillation"):
         fast_trainer(tmp_path, callbacks=[DistillationCallback(teacher="initial")], max_steps=2).fit(NoLabels(), loader())
+
+
+def test_a_pruner_listed_first_takes_the_teacher_for_the_next_batch_not_this_one(tmp_path):
+    distil = DistillationCallback(teacher="before_first_prune")
+    fast_trainer(tmp_path, callbacks=[LayerPruneCallback(num_layers=2, at_steps=[2]), distil], max_steps=4).fit(TinyLM(), loader())
+    assert distil.teacher_taken_at == 2 and distil.last["kd_loss"] > 0
+
+
+def test_a_forward_given_labels_cannot_be_mixed_again_by_the_loss_method(tmp_path):
+    class LabelsAndOwnLoss(TinyLM):
+        def training_step(self, batch, batch_idx):
+            labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+            out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels)
+            return self.distiller.loss(out, batch, out.loss)
+
+    module = LabelsAndOwnLoss()
+    module.distiller = DistillationCallback(teacher="initial")
+    with pytest.raises(ValueError, match="`student_outputs` come from a forward given `labels`.*without `labels`"):
+        fast_trainer(tmp_path, callbacks=[module.distiller], max_steps=1).fit(module, loader())
+
+
+def test_a_student_called_positionally_gives_the_teacher_its_attention_mask(tmp_path):
+    class Positional(TinyLM):
+        def training_step(self, batch, batch_idx):
+            labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+            return self.model(batch["input_ids"], batch["attention_mask"], labels=labels).loss
+
+    ids = torch.randint(1, 128, (4, 12))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = mask[2, :3] = 0  # left padding: without the mask the teacher attends to the pads
+    batches = [{"input_ids": i, "attention_mask": m} for i, m in zip(ids.masked_fill(mask == 0, 0), mask)]
+    distil = DistillationCallback(teacher="initial")  # the teacher is the student at the first step
+    fast_trainer(tmp_path, callbacks=[distil], max_steps=1).fit(Positional(), torch.utils.data.DataLoader(batches, batch_size=4))
+    assert distil.last["kd_loss"] == pytest.approx(0.0, abs=1e-7)
+
+
+def test_the_fingerprint_is_gathered_on_the_strategy_device():
+    """NCCL gathers only tensors on the GPU; a stub strategy on the meta device records what it is given."""
+    gathered = []
+    strategy = SimpleNamespace(root_device=torch.device("meta"), all_gather=lambda t: gathered.append(t) or t)
+    trainer = SimpleNamespace(strategy=strategy, ckpt_path=None, global_step=0)
+    distil = DistillationCallback(teacher="initial")
+    distil.on_fit_start(trainer, TinyLM())
+    distil.teardown(trainer, None, "fit")
+    assert [t.device for t in gathered] == [torch.device("meta")]
+
+
+def test_a_frozen_copy_copies_neither_the_hooks_nor_the_objects_that_own_them():
+    class Owner:
+        copies = 0
+
+        def __init__(self):
+            self.big = torch.zeros(1000)
+
+        def __deepcopy__(self, memo):
+            Owner.copies += 1
+            return Owner()
+
+        def hook(self, *args):
+            return None
+
+    model, owner = tiny_model(num_layers=2), Owner()
+    block = get_decoder_layers(model)[0]
+    block.register_forward_hook(owner.hook)
+    block.register_full_backward_hook(owner.hook)
+    model.register_forward_pre_hook(owner.hook, with_kwargs=True)
+    twin = frozen_copy(model)
+    assert Owner.copies == 0
+    hook_dicts = [v for m in twin.modules() for k, v in vars(m).items()
+                  if k.startswith(("_forward", "_backward")) and "hook" in k and isinstance(v, dict)]
+    assert hook_dicts and not any(hook_dicts)
+    assert block._forward_hooks and model._forward_pre_hooks  # the original keeps its hooks
+    ids = torch.randint(1, 128, (2, 8))
+    torch.testing.assert_close(twin(ids).logits, model(ids).logits, rtol=0, atol=0)
 
 
 def test_hidden_state_alignment_adds_a_term_that_is_zero_before_any_removal(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -23,7 +24,7 @@ __all__ = ["DistillationCallback"]
 
 _TEACHERS = ("initial", "before_first_prune")
 # Forward keyword arguments that are the student's own business, not the teacher's.
-_STUDENT_ONLY = ("labels", "past_key_values", "use_cache", "output_hidden_states", "output_attentions", "return_dict")
+_STUDENT_ONLY = ("labels", "past_key_values", "cache", "use_cache", "output_hidden_states", "output_attentions", "return_dict")
 
 
 class DistillationCallback(Callback):
@@ -38,7 +39,8 @@ class DistillationCallback(Callback):
     on the same inputs whenever the student runs in training mode with gradients and returns a ``loss`` (it was given
     ``labels``), and replaces ``outputs.loss`` by the mixed loss. A ``training_step`` that returns
     ``self.model(**batch, labels=labels).loss`` (like :class:`~lp_callbacks.harness.CausalLMModule`) needs no change.
-    A module that computes its own loss calls :meth:`loss` instead. A training batch whose forward did neither while
+    A module that computes its own loss calls :meth:`loss` instead, on the outputs of a forward without ``labels``
+    (one with them already holds the mixed loss: refused). A training batch whose forward did neither while
     a teacher exists stops the run with an error, rather than training silently without distillation.
 
     KD is ``T^2 * KL(teacher || student)`` of the next-token distributions over the real positions (labels not
@@ -107,7 +109,9 @@ class DistillationCallback(Callback):
         self._student: nn.Module | None = None  # the hooked module
         self._hooks: list[Any] = []
         self._restored: dict[str, Any] | None = None
-        self._applied = False
+        self._applied = False  # this batch's loss was distilled
+        self._batch_has_teacher = False  # the teacher existed when this batch started
+        self._hook_loss: Tensor | None = None  # the mixed loss the forward hook put in this batch's outputs
         self._fingerprint: list[float] | None = None
 
     # ================================================================ setup
@@ -186,7 +190,8 @@ class DistillationCallback(Callback):
         device = self.teacher_device or next(self._student.parameters()).device
         self.teacher.requires_grad_(False).eval().to(device=device, dtype=self.teacher_dtype)
         self._fingerprint = fingerprint(self.teacher)
-        gathered = trainer.strategy.all_gather(torch.tensor(self._fingerprint, dtype=torch.float64))
+        local = torch.tensor(self._fingerprint, dtype=torch.float64, device=trainer.strategy.root_device)  # NCCL: not CPU
+        gathered = trainer.strategy.all_gather(local)
         if gathered.dim() == 2 and not torch.equal(gathered, gathered[:1].expand_as(gathered)):
             raise ValueError(
                 f"DistillationCallback: the ranks hold different teachers (weight fingerprints {gathered.tolist()}):"
@@ -225,10 +230,7 @@ class DistillationCallback(Callback):
         if self.teacher is None:  # no teacher yet: the LM loss stays, and is logged as the LM part
             self.last = {"lm_loss": float(output.loss.detach())}
             return None
-        inputs = dict(kwargs)
-        if args:
-            inputs["input_ids"] = args[0]
-        output["loss"] = self._mixed_loss(output, inputs, output.loss)
+        output["loss"] = self._hook_loss = self._mixed_loss(output, _named_inputs(module, args, kwargs), output.loss)
         return output
 
     def _active(self, module: nn.Module) -> bool:
@@ -236,14 +238,20 @@ class DistillationCallback(Callback):
 
     def loss(self, student_outputs: Any, batch: Mapping[str, Tensor], lm_loss: Tensor | None = None) -> Tensor:
         """The mixed loss for a module that computes its own: ``student_outputs`` is the HF output of the student
-        on ``batch`` (``.logits``; ``.hidden_states`` when ``hidden_weight > 0``), ``lm_loss`` its LM loss
-        (needed unless ``alpha == 1``). Returns ``lm_loss`` unchanged while there is no teacher yet."""
+        on ``batch``, called without ``labels`` (``.logits``; ``.hidden_states`` when ``hidden_weight > 0``),
+        ``lm_loss`` its LM loss (needed unless ``alpha == 1``). Returns ``lm_loss`` unchanged while there is no
+        teacher yet."""
         if self.teacher is None:
             if lm_loss is None:
                 raise ValueError("DistillationCallback.loss: `lm_loss` is needed before the teacher exists, got None.")
             return lm_loss
         if lm_loss is None and self.alpha < 1:
             raise ValueError(f"DistillationCallback.loss: `lm_loss` is needed with alpha={self.alpha} < 1, got None.")
+        if self._hook_loss is not None and getattr(student_outputs, "loss", None) is self._hook_loss:
+            raise ValueError(
+                "DistillationCallback.loss: `student_outputs` come from a forward given `labels`, so their `.loss` is"
+                " already the mixed loss: return `outputs.loss` as it is, or call the model without `labels`."
+            )
         return self._mixed_loss(student_outputs, dict(batch), lm_loss)
 
     def _mixed_loss(self, output: Any, inputs: Mapping[str, Any], lm_loss: Tensor | None) -> Tensor:
@@ -280,10 +288,12 @@ class DistillationCallback(Callback):
 
     # ================================================================ per batch
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        self._applied, self.last = False, {}
+        self._applied, self.last, self._hook_loss = False, {}, None
+        self._batch_has_teacher = self.teacher is not None  # a teacher a pruner takes at this batch's end is for the next
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.teacher is not None and not self._applied:
+        self._hook_loss = None
+        if self._batch_has_teacher and not self._applied:
             raise RuntimeError(
                 "DistillationCallback: this training batch ran without distillation: the student's forward got no"
                 " `labels` (so it returned no loss to replace) and `DistillationCallback.loss` was not called. Pass"
@@ -311,6 +321,23 @@ class DistillationCallback(Callback):
                 f" {self.source!r}: resume with the teacher the run was saved with."
             )
         self._restored = dict(state_dict)  # built in on_fit_start, once the student is restored
+
+
+def _named_inputs(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The student's forward inputs by name: its positional ``args`` bound to the parameter names of its forward."""
+    if not args:
+        return dict(kwargs)
+    bound = inspect.signature(module.forward).bind_partial(*args, **kwargs)
+    inputs: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        kind = bound.signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            raise ValueError(
+                f"DistillationCallback: the student's forward takes `*{name}`, so its positional arguments cannot be"
+                f" named for the teacher, got {len(value)} of them: call the model with keyword arguments."
+            )
+        inputs.update(value if kind is inspect.Parameter.VAR_KEYWORD else {name: value})
+    return inputs
 
 
 def _batch_size(batch: Any) -> int | None:
