@@ -28,7 +28,7 @@ from collections.abc import Iterable, Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
-__all__ = ["device_of", "evaluating", "logits_of", "model_inputs", "no_autocast", "progress", "takes_position_ids",
+__all__ = ["device_of", "evaluating", "logits_of", "model_inputs", "no_autocast", "no_cache", "progress", "takes_position_ids",
            "token_nll"]
 
 
@@ -45,16 +45,17 @@ def device_of(model: nn.Module) -> torch.device:
 
 @contextlib.contextmanager
 def evaluating(*models: nn.Module) -> Iterator[None]:
-    """Eval mode and no grad inside; each model's train/eval mode as it was afterwards (also on error)."""
-    modes = [(m, m.training) for m in models]
+    """Eval mode and no grad inside; afterwards (also on error) every module's own train/eval mode as it was, so a
+    submodule kept in eval mode inside a training model stays so."""
+    modes = {m: m.training for model in models for m in model.modules()}
     try:
-        for m, _ in modes:
-            m.eval()
+        for model in models:
+            model.eval()
         with torch.no_grad():
             yield
     finally:
-        for m, was_training in modes:
-            m.train(was_training)
+        for m, was_training in modes.items():
+            m.training = was_training
 
 
 def progress(batches: Iterable, limit: int | None, desc: str) -> Iterable:
@@ -102,21 +103,41 @@ def model_inputs(batch: Mapping[str, Tensor], device: torch.device, position_ids
 
 
 def takes_position_ids(model: nn.Module) -> bool:
-    """Whether ``model.forward`` names a ``position_ids`` parameter (a bare ``**kwargs`` does not count)."""
+    """Whether ``model.forward`` takes ``position_ids`` (:func:`_takes`)."""
+    return _takes(model, "position_ids")
+
+
+def no_cache(model: nn.Module) -> dict[str, bool]:
+    """``{"use_cache": False}`` when ``model.forward`` takes it (:func:`_takes`), else ``{}``: a forward without a
+    KV cache, for HF models and plain modules alike."""
+    return {"use_cache": False} if _takes(model, "use_cache") else {}
+
+
+def _takes(model: nn.Module, name: str) -> bool:
+    """Whether ``model.forward`` names a parameter ``name``, or passes ``**kwargs`` on to a wrapped model (PEFT's
+    ``get_base_model()``, ``torch.compile``'s original module) whose forward does. A bare ``**kwargs`` does not
+    count."""
     try:
-        return "position_ids" in inspect.signature(model.forward).parameters
+        parameters = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):  # no signature to read (e.g. some C-implemented or scripted forwards)
         return False
+    if name in parameters:
+        return True
+    passes_on = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    base = model
+    if passes_on:
+        base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else getattr(model, "_orig_mod", model)
+    return base is not model and _takes(base, name)
 
 
 def logits_of(model: nn.Module, inputs: Mapping[str, Tensor]) -> Tensor:
-    """``model(**inputs, use_cache=False)``'s ``(B, T, vocab)`` logits: an HF output's ``.logits``, the first item
-    of a tuple, or the tensor itself.
+    """``model(**inputs)``'s ``(B, T, vocab)`` logits (with ``use_cache=False`` where the forward takes it, as
+    :func:`takes_position_ids` reads it): an HF output's ``.logits``, the first item of a tuple, or the tensor itself.
 
     Raises:
         TypeError: the model returned no 3-D logits tensor.
     """
-    out = model(**inputs, use_cache=False)
+    out = model(**inputs, **no_cache(model))
     logits = out.logits if hasattr(out, "logits") else out[0] if isinstance(out, (tuple, list)) else out
     if not isinstance(logits, Tensor) or logits.dim() != 3:
         raise TypeError(

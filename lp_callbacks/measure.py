@@ -30,6 +30,7 @@ from lp_callbacks.inference import (
     logits_of,
     model_inputs,
     no_autocast,
+    no_cache,
     progress,
     takes_position_ids,
     token_nll,
@@ -79,7 +80,7 @@ def calibration_pass(
     device, position_ids = device_of(model), takes_position_ids(runner)
     with evaluating(model), recorder.recording():
         for batch in progress(batches, max_batches, desc):
-            runner(**model_inputs(batch, device, position_ids), use_cache=False)
+            runner(**model_inputs(batch, device, position_ids), **no_cache(runner))
 
 
 def measure_depth(

@@ -9,7 +9,7 @@ import torch
 from conftest import TinyLM, fast_trainer, loader, tiny_model
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lp_callbacks import ControlEvaluationCallback, DepthEfficiencyMonitor, LayerPruneCallback
+from lp_callbacks import BlockInfluenceMonitor, ControlEvaluationCallback, DepthEfficiencyMonitor, LayerPruneCallback
 from lp_callbacks.evaluation import teacher_agreement
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -56,6 +56,23 @@ def test_resume_keeps_the_reference_and_the_history(tmp_path):
     assert [r["step"] for r in again.history] == [0, 2, 5]  # start and the event restored, not measured again
     for name, value in first.reference.state_dict().items():
         assert torch.equal(again.reference.state_dict()[name], value), name
+
+
+def _monitored_run(tmp_path, *more):
+    """The Block Influence monitor of a run pruning at step 2, the monitor first (then ``more`` callbacks)."""
+    monitor = BlockInfluenceMonitor()
+    fast_trainer(tmp_path, callbacks=[monitor, LayerPruneCallback(num_layers=2, at_steps=[2]), *more],
+                 max_steps=4).fit(TinyLM(), loader())
+    return monitor
+
+
+def test_control_batches_are_not_counted_as_block_influence_training_data(tmp_path):
+    alone = _monitored_run(tmp_path / "alone")
+    evaluation = ControlEvaluationCallback(loader(length=8, seed=5), output_dir=str(tmp_path / "out"))
+    watched = _monitored_run(tmp_path / "watched", evaluation)
+    assert [r["when"][:11] for r in evaluation.history] == ["start", "after prune", "end"]  # one on a measured step
+    assert watched.tokens_seen == alone.tokens_seen
+    assert torch.equal(watched.block_influence, alone.block_influence)
 
 
 def _assert_summary_is_the_history(summary: dict, printed: list[str], history: list[dict]) -> None:

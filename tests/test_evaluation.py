@@ -180,6 +180,46 @@ def test_dtypes_modes_and_no_grad():
     _close(stats, _reference(student, teacher, rows))  # the bf16 logits, read in fp32/fp64 alike
 
 
+class _PlainLM(torch.nn.Module):
+    """A user's module returning ``(B, T, V)`` logits, with no ``use_cache`` (nor ``position_ids``) parameter."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def test_a_plain_module_returning_logits_gives_the_hf_numbers():
+    student, teacher = _pair()
+    _sharpen(student), _sharpen(teacher)
+    batches = [_padded(_rows(), "right")]
+    _close(teacher_agreement(_PlainLM(student), _PlainLM(teacher), batches), teacher_agreement(student, teacher, batches))
+    ids, protocol = torch.cat(_rows()), PerplexityProtocol(seq_len=16, stride=8, split="random ids")
+    assert perplexity(_PlainLM(teacher), ids, protocol).ppl == pytest.approx(perplexity(teacher, ids, protocol).ppl)
+
+
+def test_a_lora_wrapped_gpt2_gives_the_unpadded_numbers_with_left_padding():
+    peft = pytest.importorskip("peft")
+    student, teacher = _pair("gpt2", drop=(1, 4))
+    _sharpen(student), _sharpen(teacher)
+    lora = peft.get_peft_model(student, peft.LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True))
+    rows = _rows()
+    unpadded = teacher_agreement(lora, teacher, [{"input_ids": r.unsqueeze(0)} for r in rows])
+    _close(teacher_agreement(lora, teacher, [_padded(rows, "left")]), unpadded)
+
+
+def test_a_submodule_the_user_put_in_eval_mode_stays_in_eval_mode():
+    student, teacher = _pair()
+    student.train()
+    frozen = student.model.layers[0].eval()
+    teacher_agreement(student, teacher, [_padded(_rows(), "right")])
+    inside = {id(m) for m in frozen.modules()}
+    assert not any(m.training for m in frozen.modules())
+    assert all(m.training for m in student.modules() if id(m) not in inside)
+
+
 def test_teacher_agreement_errors():
     student, teacher = _pair()
     batch = _padded(_rows(), "right")

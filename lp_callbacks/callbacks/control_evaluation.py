@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
@@ -17,6 +17,8 @@ from lp_callbacks.architectures import decoder_stack
 from lp_callbacks.distributed import check_strategy_supported
 from lp_callbacks.evaluation import evaluate_tasks, teacher_agreement
 from lp_callbacks.events import collect_depth_events
+from lp_callbacks.inference import evaluating
+from lp_callbacks.recorder import BlockInfluenceRecorder
 from lp_callbacks.reference import called_module, frozen_copy, full_depth_copy
 from lp_callbacks.validation import check_int
 
@@ -141,17 +143,14 @@ class ControlEvaluationCallback(Callback):
         """Run every measure now (rank zero); the record is appended to :attr:`history` and logged."""
         if not trainer.is_global_zero or self._student is None or self.reference is None:
             return None
-        was_training = self._student.training
         record: dict[str, Any] = {"step": trainer.global_step, "when": when}
-        stats = teacher_agreement(self._student, self.reference, self.control_dataloader, max_batches=self.max_batches)
-        record.update({name: stats[name] for name in MEASURES}, tokens=stats["tokens"])
-        if self.metric_fn is not None:
-            self._student.eval()
-            with torch.no_grad():
+        with _recorders_off(trainer), evaluating(self._student):
+            stats = teacher_agreement(self._student, self.reference, self.control_dataloader, max_batches=self.max_batches)
+            record.update({name: stats[name] for name in MEASURES}, tokens=stats["tokens"])
+            if self.metric_fn is not None:
                 record.update({str(k): float(v) for k, v in self.metric_fn(self._student, self.control_dataloader).items()})
-        for task, values in self._tasks().items():
-            record.update({f"{task}/{k}": v for k, v in values.items() if isinstance(v, (int, float))})
-        self._student.train(was_training)
+            for task, values in self._tasks().items():
+                record.update({f"{task}/{k}": v for k, v in values.items() if isinstance(v, (int, float))})
         self.history.append(record)
         metrics = {f"eval/{k}": float(v) for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step", "tokens")}
         for logger in trainer.loggers:
@@ -196,6 +195,16 @@ class ControlEvaluationCallback(Callback):
         self.history = list(state_dict.get("history", []))
         self._seen = {(k[0], k[1], tuple(k[2])) for k in state_dict.get("seen", [])}
         self._restored = dict(state_dict)
+
+
+def _recorders_off(trainer: pl.Trainer) -> contextlib.ExitStack:
+    """Every Block Influence recorder of the Trainer's callbacks off: control forwards are no training data."""
+    stack = contextlib.ExitStack()
+    for callback in trainer.callbacks:  # type: ignore[attr-defined]
+        recorder = getattr(callback, "recorder", None)
+        if isinstance(recorder, BlockInfluenceRecorder):
+            stack.enter_context(recorder.recording(False))
+    return stack
 
 
 def _plain(value: Any) -> Any:
