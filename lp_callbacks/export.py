@@ -28,7 +28,7 @@ from typing import Any
 
 from torch import nn
 
-from lp_callbacks.architectures import input_embeddings, output_embeddings
+from lp_callbacks.architectures import find_hf_model, input_embeddings, output_embeddings
 
 __all__ = ["RECORD_FILE", "check_export_dir", "save_export", "write_dir_atomically"]
 
@@ -214,6 +214,21 @@ def _untie_if_diverged(model: nn.Module) -> None:
         config.tie_word_embeddings = False
 
 
+def _untie_adapted(model: nn.Module, classes: tuple[type, ...]) -> None:
+    """Tied embedding and LM head, an adapter on one side: give the LM head its own copy of the weight first.
+
+    The adapter trained one side only; merged into the shared tensor it would act on both in the export."""
+    hf = find_hf_model(model)
+    config = getattr(hf, "config", None)
+    sides = [input_embeddings(hf), output_embeddings(hf)]
+    if not getattr(config, "tie_word_embeddings", False) or None in sides or not any(isinstance(s, classes) for s in sides):
+        return
+    embed, head = (s.get_base_layer() if hasattr(s, "get_base_layer") else s for s in sides)
+    if getattr(embed, "weight", None) is not None and embed.weight is getattr(head, "weight", None):
+        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)
+        config.tie_word_embeddings = False
+
+
 def _merge_in_place(model: nn.Module, classes: tuple[type, ...]) -> nn.Module:
     """Merge and unload every adapter layer of ``model`` in place (the same walk as PEFT's ``merge_and_unload``,
     for adapters injected without a ``PeftModel`` around this model, e.g. the HF model inside one)."""
@@ -256,7 +271,9 @@ def _exportable(model: nn.Module) -> nn.Module:
                 f"`model` must be a model whose PEFT adapters can be merged into the weights (LoRA-style tuner "
                 f"layers); got a PeftModel with {kind} adapters and no tuner layers. Export the base model instead."
             )
-        merged = copy.deepcopy(model).merge_and_unload()
+        merged = copy.deepcopy(model)
+        _untie_adapted(merged, classes)
+        merged = merged.merge_and_unload()
         _strip_peft(merged)
         return merged
     if not _has_adapters(model, classes):
@@ -266,7 +283,9 @@ def _exportable(model: nn.Module) -> nn.Module:
             f"`model` must be a Hugging Face model (or a PeftModel); got the PEFT adapter layer "
             f"{type(model).__name__} itself."
         )
-    return _merge_in_place(copy.deepcopy(model), classes)
+    exported = copy.deepcopy(model)
+    _untie_adapted(exported, classes)
+    return _merge_in_place(exported, classes)
 
 
 # ============================================================================ writing

@@ -194,6 +194,10 @@ def _plan_config(config: Any, arch: Architecture, num_layers: int, kept: list[in
     step = getattr(config, step_field, None) if step_field else None
     if step is not None:
         # Which block has experts is decided from layer_idx at construction; the reloaded model must match.
+        # Both fields are always planned: restore_layers applies a plan made from the original config, which must
+        # undo the explicit layout (step=1) an earlier removal wrote.
+        updates[step_field] = step
+        updates.setdefault(MOE_DENSE_LAYERS_FIELD, [])
         num_experts = getattr(config, "num_experts", 1) or 0
         old_layout = qwen_moe_layout(step, set(getattr(config, MOE_DENSE_LAYERS_FIELD, None) or ()), num_experts, num_layers)
         wanted = [old_layout[i] for i in kept]

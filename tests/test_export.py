@@ -333,3 +333,30 @@ def test_peft_models_are_exported_merged_and_load_with_plain_from_pretrained(tmp
     loaded = torch.load(tmp_path / "logits.pt")
     for name, directory in directories.items():
         torch.testing.assert_close(loaded[str(directory)], expected[name], atol=1e-4, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("target", ["lm_head", "embed_tokens"])
+def test_adapter_on_one_side_of_tied_embeddings_exports_the_trained_model(tmp_path, target, one_thread):
+    """An adapter on the tied LM head (or embedding) trained that side only: merged into the shared tensor it would
+    act on both sides of the export."""
+    peft = pytest.importorskip("peft")
+    from conftest import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = tiny_config("llama", 2)
+    config.tie_word_embeddings = True
+    base = AutoModelForCausalLM.from_config(config).eval()
+    assert base.get_output_embeddings().weight is base.get_input_embeddings().weight
+    model = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["q_proj", target], init_lora_weights=False))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batch = random_batch()
+    with torch.no_grad():
+        expected = model(**batch).logits
+    reloaded = AutoModelForCausalLM.from_pretrained(save_export(model, tmp_path / "out", RECORD)).eval()
+    assert not reloaded.config.tie_word_embeddings
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, expected, atol=1e-5, rtol=0)
+    after = model.state_dict()  # the training model: untouched, still tied, adapters in place
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in after)
+    assert base.config.tie_word_embeddings and base.get_output_embeddings().weight is base.get_input_embeddings().weight

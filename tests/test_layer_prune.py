@@ -578,3 +578,27 @@ def test_one_int_is_one_event():  # `at_steps=3` on a command line or in YAML
     assert LayerPruneCallback(num_layers=1, at_epochs=0).schedule.epochs == (0,)
     with pytest.raises(ValueError, match=r"`at_steps` must hold ints >= 1, got \[0\]"):
         LayerPruneCallback(num_layers=1, at_steps=0)
+
+
+def test_export_when_never_needs_no_export_dir_and_leaves_one_alone(tmp_path):
+    prune = LayerPruneCallback(num_layers=1, at_steps=[2], export_when="never")  # no export_dir: accepted
+    fast_trainer(tmp_path, callbacks=[prune], max_steps=3).fit(TinyLM(), loader())
+    assert len(prune.removed) == 1
+    user = tmp_path / "results"  # not an export: would be refused as a target, but "never" writes nothing
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    leftover = tmp_path / ".results.lp-tmp-abc"  # named like an export leftover: cleaning it would be touching it
+    leftover.mkdir()
+    prune = LayerPruneCallback(num_layers=1, at_steps=[2], export_dir=user, export_when="never")
+    fast_trainer(tmp_path, callbacks=[prune], max_steps=3).fit(TinyLM(), loader())
+    assert len(prune.removed) == 1 and [p.name for p in user.iterdir()] == ["notes.txt"] and leftover.is_dir()
+
+
+def test_second_fit_of_an_already_pruned_module_with_ckpt_path_says_build_a_fresh_module(tmp_path):
+    module, folder = _checkpointed_run(tmp_path, LayerPruneCallback(num_layers=1, at_steps=[2]))
+    again = LayerPruneCallback(num_layers=1, at_steps=[2])
+    with pytest.raises(ValueError, match="already pruned") as error:
+        fast_trainer(tmp_path, callbacks=[again], max_steps=6).fit(module, loader(), ckpt_path=str(folder / "epoch=0-step=4.ckpt"))
+    message = str(error.value)
+    assert "build a fresh module" in message and "this same module object" in message
+    assert "pass `ckpt_path` to resume it" not in message  # it was passed

@@ -479,3 +479,28 @@ def test_restore_layers_rebuilds_the_original_model(family):  # for checkpoints 
         torch.testing.assert_close(model(**batch).logits, expected)
     with pytest.raises(ValueError, match=r"cannot restore original blocks \[7\]"):
         restore_layers(model, [7])
+
+
+def test_restore_after_moe_layout_rewrite_gives_back_the_original_config(tmp_path):
+    """drop_layers may state a Qwen-MoE layout explicitly (decoder_sparse_step=1 + mlp_only_layers); growing the
+    blocks back must restore the original step too, or the reloaded model puts experts on every block."""
+    import transformers as tf
+
+    from lp_callbacks.surgery import restore_layers
+
+    torch.manual_seed(0)
+    config = tf.Qwen3MoeConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_attention_heads=4, num_key_value_heads=2,
+                               head_dim=8, intermediate_size=64, num_hidden_layers=5, moe_intermediate_size=16,
+                               num_experts=4, num_experts_per_tok=2, decoder_sparse_step=2)
+    model = tf.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    original, state = model.config.to_dict(), {k: v.clone() for k, v in model.state_dict().items()}
+    drop_layers(model, [0])
+    assert model.config.decoder_sparse_step == 1  # the rewrite this test is about
+    restore_layers(model, range(5))
+    model.load_state_dict(state)
+    assert model.config.to_dict() == original
+    model.save_pretrained(tmp_path / "restored")
+    reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "restored", attn_implementation="eager").eval()
+    batch = random_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits, rtol=0, atol=1e-6)

@@ -82,7 +82,8 @@ class LayerPruneCallback(Callback):
         seed: seed of the ``"random"`` criterion.
         export_dir: where to ``save_pretrained`` the pruned model (with ``tokenizer`` and ``lp_pruning.json``).
         export_when: ``"fit_end"`` (to ``export_dir``), ``"event"`` (to ``<export_dir>_step_<k>`` after each event),
-            ``"both"`` or ``"never"``. Each export is written to a temporary directory first, then renamed.
+            ``"both"`` or ``"never"`` (``export_dir`` is then not needed, and not touched when given). Each export is
+            written to a temporary directory first, then renamed.
         tokenizer: saved next to the exported model when given.
         layers_path: dotted path of the block list for custom models.
         calibration_dataloader: the batches ``"ablation"`` measures on at each event (unused by the other criteria).
@@ -130,7 +131,7 @@ class LayerPruneCallback(Callback):
             check_int("protected_layers", i)
         if export_when not in _EXPORT_WHEN:
             raise ValueError(f"`export_when` must be one of {_EXPORT_WHEN}, got {export_when!r}.")
-        if export_dir is None and export_when != "fit_end":
+        if export_dir is None and export_when in ("event", "both"):
             raise ValueError(f"`export_when={export_when!r}` needs `export_dir`, got None.")
 
         self.schedule = PruneSchedule.from_args(at_steps, at_epochs, gradual)
@@ -180,7 +181,7 @@ class LayerPruneCallback(Callback):
         self._start_run()
         by_score = self.criterion in _BY_SCORE
         self._monitor = find_or_add_monitor(trainer, "LayerPruneCallback", self.layers_path) if by_score else find_monitor(trainer)
-        if self.export_dir is not None:
+        if self.export_dir is not None and self.export_when != "never":
             self.export_dir = check_export_dir(self.export_dir)
             self._check_event_export_dirs()
         if _stack_if_built(pl_module, self.layers_path) is not None:
@@ -234,9 +235,10 @@ class LayerPruneCallback(Callback):
         present = self.original_indices or []
         if present != list(range(len(present))):
             raise ValueError(
-                f"LayerPruneCallback: the model was already pruned (it holds original blocks {present}), but this fit"
-                " does not resume a checkpoint of that run: pass `ckpt_path` to resume it, or start from a fresh"
-                " model; a new plan is made from the full model."
+                f"LayerPruneCallback: the module's model is already pruned (it holds original blocks {present}), for"
+                " example by an earlier `trainer.fit` of this same module object. A fit needs the full-depth model,"
+                " also to resume (with `ckpt_path` the pruned architecture is rebuilt from the checkpoint): build a"
+                " fresh module and pass it, with `ckpt_path` to continue the pruned run."
             )
         self.original_num_layers = len(present)
         self._check_surgery()
