@@ -30,7 +30,7 @@ rose 32% in 20 steps but the in-domain perplexity got worse after step 20 (no ad
 steps sits between.
 
 To run:
-    python benchmarks/forgetting_benchmark.py                     # all 13 runs, ~35 minutes on 2 CPU cores
+    python benchmarks/forgetting_benchmark.py                     # all 14 runs, ~35-40 minutes on 2 CPU cores
     python benchmarks/forgetting_benchmark.py --methods full --steps 100 --lr 1e-4 --eval-every 20   # one curve
 """
 

@@ -38,7 +38,8 @@ __all__ = [
 ]
 
 #: Strategies whose sharding a change of the set of blocks mid-run would corrupt (or that were never made to work).
-REFUSED_STRATEGIES: tuple[str, ...] = ("FSDPStrategy", "DeepSpeedStrategy", "XLAStrategy", "XLAFSDPStrategy")
+REFUSED_STRATEGIES: tuple[str, ...] = ("FSDPStrategy", "DeepSpeedStrategy", "XLAStrategy", "XLAFSDPStrategy",
+                                        "SingleDeviceXLAStrategy")  # XLA: never tried (no TPU), so refused whole
 
 _SUPPORTED = (
     "Supported: a single device, DDP (strategy='ddp', 'ddp_spawn', 'ddp_find_unused_parameters_true', ...), and FSDP2"

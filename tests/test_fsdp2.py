@@ -200,12 +200,14 @@ def test_layer_wise_sampling_under_fsdp2_equals_ddp_and_resumes(runs):
         (lambda s: s.FSDPStrategy(), "LayerPruneCallback", "does not support the FSDPStrategy strategy.*ModelParallelStrategy"),
         (lambda s: type("DeepSpeedStrategy", (), {})(), "LayerFreezeCallback",  # deepspeed is not installed
          "does not support the DeepSpeedStrategy strategy.*tensor_parallel_size=1"),
+        (lambda s: type("SingleDeviceXLAStrategy", (), {})(), "LayerPruneCallback",  # one TPU: never tried
+         "does not support the SingleDeviceXLAStrategy strategy"),
         (lambda s: s.ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2), "LayerPruneCallback",
          r"data parallelism only \(FSDP2\): got tensor_parallel_size=2, expected 1"),
         (lambda s: s.ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), "DistillationCallback",
          "DistillationCallback does not support the ModelParallelStrategy strategy"),
     ],
-    ids=["fsdp1", "deepspeed", "tensor_parallel", "distillation_fsdp2"],
+    ids=["fsdp1", "deepspeed", "single_tpu", "tensor_parallel", "distillation_fsdp2"],
 )
 def test_refused_strategies_are_named_with_the_supported_way(strategy, who, match):
     from types import SimpleNamespace
