@@ -122,6 +122,10 @@ def _need(config: Any, what: str, *names: str) -> int:
     return int(value)
 
 
+# Config fields of architectures the formula does not count (DeepSeek-V2/V3: MLA, dense first layers, shared experts).
+_UNMODELLED = ("q_lora_rank", "kv_lora_rank", "first_k_dense_replace", "n_shared_experts")
+
+
 def transformer_dims(config: Any, num_layers: int | None = None) -> TransformerDims:
     """Normalise an HF config (any supported family, multimodal configs through their text config).
 
@@ -134,6 +138,12 @@ def transformer_dims(config: Any, num_layers: int | None = None) -> TransformerD
     """
     config = _text_config(config)
     model_type = str(getattr(config, "model_type", "") or "")
+    unmodelled = [f for f in _UNMODELLED if getattr(config, f, None)]
+    if unmodelled:
+        raise ValueError(
+            f"The FLOPs formula does not model {type(config).__name__}'s {unmodelled} (latent attention, dense first"
+            " layers, shared experts in that form): no number rather than a wrong one."
+        )
     hidden = _need(config, "hidden size", "hidden_size", "n_embd", "d_model")
     heads = _need(config, "number of attention heads", "num_attention_heads", "n_head")
     layers = num_layers if num_layers is not None else _need(config, "number of layers", "num_hidden_layers", "n_layer")

@@ -50,6 +50,13 @@ def _hidden_from_output(output: Any) -> Tensor | None:
     return None
 
 
+def _mask_from(args: tuple, kwargs: dict[str, Any]) -> Any:
+    mask = kwargs.get("attention_mask")
+    if mask is None and len(args) > 1 and isinstance(args[1], Tensor):
+        mask = args[1]  # HF convention: forward(input_ids, attention_mask, ...)
+    return mask
+
+
 class BlockInfluenceRecorder:
     """Hooks the decoder blocks of ``model`` and accumulates BI (and angular distances) while :attr:`enabled`.
 
@@ -84,6 +91,7 @@ class BlockInfluenceRecorder:
         self.enabled = False
         self._handles: list[RemovableHandle] = []
         self._mask: Tensor | None = None
+        self._root_mask: Tensor | None = None  # the 2-D mask the HF model got, for an owner given another form
         self._selection: tuple[Tensor | None, Tensor | None] | None = None
         self._seen: set[int] = set()
         self._inputs: dict[int, Tensor] = {}
@@ -101,6 +109,8 @@ class BlockInfluenceRecorder:
         self.angular_metrics = {}
         for n in self.block_sizes:
             self._add_angular_metric(n)
+        if self.stack.root is not self.stack.owner:
+            self._handles.append(self.stack.root.register_forward_pre_hook(self._on_root_forward, with_kwargs=True))
         self._handles.append(self.stack.owner.register_forward_pre_hook(self._on_owner_forward, with_kwargs=True))
         for index, layer in enumerate(layers):
             self._handles.append(layer.register_forward_hook(self._layer_hook(index), with_kwargs=True))
@@ -153,6 +163,11 @@ class BlockInfluenceRecorder:
             self.enabled = previous
 
     # ---------------------------------------------------------------- hook bodies
+    def _on_root_forward(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        if self.enabled:
+            mask = _mask_from(args, kwargs)
+            self._root_mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
+
     def _on_owner_forward(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         if not self.enabled:
             return
@@ -160,12 +175,13 @@ class BlockInfluenceRecorder:
         # backward without a new owner forward, so those recomputations are skipped as already seen.
         self._seen = set()
         self._inputs = {}
-        mask = kwargs.get("attention_mask")
-        if mask is None and len(args) > 1 and isinstance(args[1], Tensor):
-            mask = args[1]  # HF convention: forward(input_ids, attention_mask, ...)
+        mask, root_mask, self._root_mask = _mask_from(args, kwargs), self._root_mask, None  # one owner forward each
+        if not (isinstance(mask, Tensor) and mask.dim() == 2) and root_mask is not None:
+            mask = root_mask  # e.g. Gemma 3 multimodal hands its text model a dict of 4-D masks
         self._mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
-        if isinstance(mask, Tensor) and mask.dim() != 2 and not self._warned_mask:
-            rank_zero_warn(f"BlockInfluenceRecorder: ignoring a {mask.dim()}-D attention mask; all tokens are used.")
+        if mask is not None and self._mask is None and not self._warned_mask:
+            kind = f"{mask.dim()}-D" if isinstance(mask, Tensor) else type(mask).__name__
+            rank_zero_warn(f"BlockInfluenceRecorder: ignoring a {kind} attention mask; all tokens are used.")
             self._warned_mask = True
         self._selection = None
 

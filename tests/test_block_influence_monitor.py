@@ -202,6 +202,9 @@ def test_non_finite_hidden_states_are_skipped_with_a_warning(tmp_path):
         ({"ema_decay": 1.0}, r"`ema_decay` must be a number in \(0, 1\), got 1.0"),
         ({"source": "test"}, r"`source` must be one of"),
         ({"source": "calibration"}, r"needs `calibration_dataloader`"),
+        ({"source": "validation", "max_tokens_per_step": 4}, r"`max_tokens_per_step` budgets the tokens of a"
+                                                              r" training step: it needs source='train', got"
+                                                              r" source='validation'"),
         ({"block_sizes": (0,)}, r"`block_sizes` must be an int >= 1, got 0"),
         ({"threshold": -1}, r"`threshold` must be a number in \[0, 2\]"),
     ],

@@ -167,3 +167,15 @@ def test_bad_seq_len_and_missing_fields_are_named():
 
     with pytest.raises(ValueError, match="hidden size.*hidden_size"):
         transformer_dims(Bare())
+
+
+def test_a_family_the_formula_does_not_model_gets_no_number():
+    """DeepSeek-V3 (MLA attention, dense first layers, shared experts) loads through the fallback paths: its FLOPs are
+    refused, not miscounted (DepthEfficiencyMonitor then leaves FLOPs/token out with a warning)."""
+    import transformers
+
+    config = transformers.DeepseekV3Config(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                           intermediate_size=64, moe_intermediate_size=16, n_routed_experts=4,
+                                           num_experts_per_tok=2)
+    with pytest.raises(ValueError, match=r"does not model DeepseekV3Config's \['q_lora_rank', 'kv_lora_rank'"):
+        transformer_dims(config)

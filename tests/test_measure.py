@@ -144,3 +144,23 @@ def test_custom_blocks_returning_an_output_object_are_measured():
         states = net(x)
     (total, count, _), _ = recorder.take_sums()
     torch.testing.assert_close(total / count, bi_from_hidden_states(states).double(), atol=1e-6, rtol=0)
+
+
+def test_gemma3_multimodal_counts_real_tokens_only():
+    """Gemma 3 (multimodal) hands its text model a dict of 4-D masks, not the user's 2-D one: the recorder takes the
+    2-D mask the HF model was given, so a right-padded batch measures its real tokens only, as measure_depth."""
+    from test_surgery import _model
+
+    from lp_callbacks.recorder import BlockInfluenceRecorder
+
+    model = _model("gemma3_multimodal").train()
+    batch = random_batch(2, 12)
+    batch["attention_mask"][1, 6:] = 0
+    batch["input_ids"][1, 6:] = 0
+    recorder = BlockInfluenceRecorder(model)
+    with torch.no_grad(), recorder.recording():
+        model(**batch, token_type_ids=torch.zeros_like(batch["input_ids"]))
+    (total, count, skipped), _ = recorder.take_sums()
+    assert count.tolist() == [18] * LAYERS and skipped.sum() == 0
+    expected = measure_depth(model, [batch]).block_influence
+    torch.testing.assert_close(total / count, expected, atol=1e-5, rtol=0)

@@ -40,7 +40,8 @@ class BlockInfluenceMonitor(Callback):
 
     Args:
         every_n_steps: measure every N optimizer steps (the steps whose ``global_step % N == 0``).
-        max_tokens_per_step: token budget per measured step (evenly spaced real tokens; no RNG used). ``None``: all.
+        max_tokens_per_step: token budget per measured training step (evenly spaced positions, padding among them
+            left out; no RNG used), ``source="train"`` only. ``None``: all.
         aggregation: how measured steps combine: ``"cumulative"`` (all since the start or the last
             :meth:`reset`), ``"ema"`` (exponential moving average, weight ``ema_decay`` per step), ``"window"``
             (the last ``window`` measured steps).
@@ -95,6 +96,11 @@ class BlockInfluenceMonitor(Callback):
             raise ValueError(f"`source` must be one of {_SOURCES}, got {source!r}.")
         if source == "calibration" and calibration_dataloader is None:
             raise ValueError("`source='calibration'` needs `calibration_dataloader`, got None.")
+        if max_tokens_per_step is not None and source != "train":
+            raise ValueError(
+                f"`max_tokens_per_step` budgets the tokens of a training step: it needs source='train', got"
+                f" source={source!r} (bound that pass with `calibration_batches` or the Trainer's `limit_val_batches`)."
+            )
         for n in block_sizes:
             check_int("block_sizes", n, minimum=1)
         check_number("threshold", threshold, 0, 2)  # the range of BI
