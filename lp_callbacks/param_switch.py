@@ -20,7 +20,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from lp_callbacks.architectures import DecoderStack
+from lp_callbacks.architectures import DecoderStack, input_embeddings
 from lp_callbacks.distributed import schedulers_of, sync_strategy_with_model
 from lp_callbacks.freezing import enable_input_require_grads
 from lp_callbacks.surgery import drop_optimizer_params, follow_param_groups
@@ -36,7 +36,9 @@ class ParamSwitch:
         fixed: parameters frozen whatever the chosen blocks are.
         optimizers: the optimizers, with their param groups as configured (every parameter in).
         frozen_before: parameters an earlier switch froze (a second fit): they stay switchable.
-        input_grads: call :func:`~lp_callbacks.freezing.enable_input_require_grads` on the first apply.
+
+    When the input embedding weight is among ``fixed`` (by flag, ``also_freeze`` or tied to a frozen LM head), the
+    first apply calls :func:`~lp_callbacks.freezing.enable_input_require_grads` (reentrant checkpointing).
     """
 
     def __init__(
@@ -45,7 +47,6 @@ class ParamSwitch:
         fixed: Sequence[nn.Parameter],
         optimizers: Iterable[torch.optim.Optimizer],
         frozen_before: Mapping[int, nn.Parameter] | None = None,
-        input_grads: bool = True,
     ) -> None:
         optimizers = list(optimizers)
         frozen_before = frozen_before or {}
@@ -56,8 +57,8 @@ class ParamSwitch:
         self.managed = {id(p): p for p in candidates if p.requires_grad or id(p) in frozen_before}  # may switch
         self.frozen: dict[int, nn.Parameter] = {}
         self.layouts = [[list(group["params"]) for group in opt.param_groups] for opt in optimizers]  # as configured
-        self.groups = [list(opt.param_groups) for opt in optimizers]  # the group objects, to follow them by identity
-        self._want_input_grads = input_grads
+        self.refresh_groups(optimizers)
+        self._want_input_grads = id(getattr(input_embeddings(stack.root), "weight", None)) in self.fixed
         self._input_grads_enabled = False
 
     def apply(self, trainer: pl.Trainer, blocks: Sequence[int]) -> None:
@@ -81,6 +82,11 @@ class ParamSwitch:
         if self._want_input_grads and not self._input_grads_enabled:
             self._input_grads_enabled = enable_input_require_grads(self.stack.root)
 
+    def refresh_groups(self, optimizers: Iterable[torch.optim.Optimizer]) -> None:
+        """Remember the optimizers' group objects, to follow them by identity through a removal. Call it again once
+        a checkpoint's optimizer state has loaded: ``Optimizer.load_state_dict`` replaces every group dict."""
+        self.groups = [list(opt.param_groups) for opt in optimizers]
+
     def restore_layouts(self, optimizers: Iterable[torch.optim.Optimizer]) -> None:
         """Every group back to its configured parameters (frozen ones without state), e.g. for a removal: a group
         that loses its trainable parameters but keeps frozen ones is then not taken for an emptied one."""
@@ -98,7 +104,7 @@ class ParamSwitch:
             follow_param_groups(optimizer, layout, groups, alive, schedulers_of(trainer, optimizer))
             for optimizer, layout, groups in zip(trainer.optimizers, self.layouts, self.groups, strict=False)
         ]
-        self.groups = [list(optimizer.param_groups) for optimizer in trainer.optimizers]
+        self.refresh_groups(trainer.optimizers)
 
     def release(self) -> None:
         """Undo what the switch turned on in the model for training only (the input-grad hook); frozen stays frozen."""

@@ -5,7 +5,16 @@ import pytest
 import torch
 from conftest import LAYERS, TinyLM, fast_trainer, loader
 from lightning.pytorch.callbacks import Callback
-from test_layer_freeze import FIXED, SCORES, _block_names, _optimizer_names, _prune_last_two, _resume_pair, _weights
+from test_layer_freeze import (
+    FIXED,
+    SCORES,
+    _assert_same_run,
+    _block_names,
+    _optimizer_names,
+    _prune_last_two,
+    _resume_pair,
+    _weights,
+)
 
 from lp_callbacks.callbacks.block_influence import BlockInfluenceMonitor
 from lp_callbacks.callbacks.layer_freeze import LayerFreezeCallback
@@ -149,6 +158,31 @@ def test_sampling_after_a_removal_draws_among_the_blocks_that_exist(tmp_path):
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
     assert _optimizer_names(trainer, module) == _optimizer_names(trainer, module, state=True) == trainable
     assert all(_block_names(freeze.trainable_blocks)(n) for n in trainable)
+
+
+def test_resume_before_a_removal_keeps_every_drawn_block_in_the_optimizer(tmp_path):
+    """Resumed at step 2, pruned at step 3: the blocks drawn after the removal train, as in the uninterrupted run."""
+    make = lambda: [LayerFreezeCallback(num_frozen=2, resample_every_n_steps=2), _prune_last_two(at_step=3)]  # noqa: E731
+    (ref, ref_module, ref_cbs), (resumed, module, cbs) = _resume_pair(tmp_path, make, "adamw", steps=7, stop=2,
+                                                                      first_steps=4)
+    assert [h["frozen_blocks"] for h in cbs[0].history] == [h["frozen_blocks"] for h in ref_cbs[0].history]
+    _assert_same_run(resumed, module, ref, ref_module)  # every requires_grad parameter in the optimizer, with state
+
+
+def test_a_second_fit_of_the_same_callback_starts_a_fresh_plan(tmp_path):  # RELIABILITY 25
+    def run(freeze, steps=3):
+        module = TinyLM(seed=1)
+        fast_trainer(tmp_path, callbacks=[freeze], max_steps=steps).fit(module, loader())
+        return module
+
+    freeze, fresh = (LayerFreezeCallback(num_trainable=2, resample_every_n_steps=2, seed=3) for _ in range(2))
+    run(freeze, steps=5)  # draws at steps 0, 2, 4
+    module, fresh_module = run(freeze), run(fresh)
+    assert [h["step"] for h in freeze.history] == [h["step"] for h in fresh.history] == [0, 2]
+    assert [h["frozen_blocks"] for h in freeze.history] == [h["frozen_blocks"] for h in fresh.history]
+    assert freeze.depth_events == fresh.depth_events
+    end = _weights(fresh_module)
+    assert all(torch.equal(value, end[name]) for name, value in _weights(module).items())
 
 
 def test_ddp_ranks_draw_the_same_blocks(ddp_runs):

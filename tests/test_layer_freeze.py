@@ -152,7 +152,9 @@ def test_gradient_accumulation_decides_once_at_step_boundary(tmp_path):
 
 
 # ============================================================================================ gradient checkpointing
-def test_gradient_checkpointing_reentrant_with_frozen_embeddings(tmp_path):
+@pytest.mark.parametrize("kwargs", [{}, dict(freeze_embeddings=False, also_freeze=["model.embed_tokens"])],
+                         ids=["flag", "also-freeze"])
+def test_gradient_checkpointing_reentrant_with_frozen_embeddings(tmp_path, kwargs):
     """Reentrant checkpointing needs an input that requires grad: same training as without checkpointing."""
     # without the callback's enable_input_require_grads, the checkpointed blocks would get no gradient at all
     runs = {}
@@ -161,7 +163,7 @@ def test_gradient_checkpointing_reentrant_with_frozen_embeddings(tmp_path):
         if checkpointing:
             module.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
             module.model.disable_input_require_grads()  # as older HF versions, or checkpointing enabled by hand
-        freeze = LayerFreezeCallback(num_frozen=3, scores=SCORES)
+        freeze = LayerFreezeCallback(num_frozen=3, scores=SCORES, **kwargs)
         start = SnapshotAt(0)
         fast_trainer(tmp_path, callbacks=[freeze, start], max_steps=3).fit(module, loader())
         runs[checkpointing] = (start.weights, _weights(module))
@@ -173,22 +175,24 @@ def test_gradient_checkpointing_reentrant_with_frozen_embeddings(tmp_path):
 
 
 # ============================================================================================ unfreezing and resume
-def _resume_pair(tmp_path, make_callbacks, optimizer, steps, stop):
-    """Uninterrupted run to ``steps`` vs a run stopped at ``stop`` and resumed from its checkpoint.
+def _resume_pair(tmp_path, make_callbacks, optimizer, steps, stop, module_cls=TinyLM, first_steps=None):
+    """Uninterrupted run to ``steps`` vs a run (to ``first_steps``, default ``stop``) resumed from its checkpoint
+    of step ``stop``.
 
     One batch per epoch, the same at every step: whatever batch Lightning resumes at, both runs see the same data.
     """
     data = lambda: loader(length=4, batch_size=4)  # noqa: E731
-    ref_module, ref_callbacks = TinyLM(optimizer=optimizer), make_callbacks()
+    ref_module, ref_callbacks = module_cls(optimizer=optimizer), make_callbacks()
     ref = fast_trainer(tmp_path / "ref", callbacks=ref_callbacks, max_steps=steps)
     ref.fit(ref_module, data())
 
-    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="resume", save_top_k=-1, every_n_train_steps=stop)
-    first = fast_trainer(tmp_path / "a", callbacks=[*make_callbacks(), ckpt], max_steps=stop, enable_checkpointing=True)
-    first.fit(TinyLM(optimizer=optimizer), data())
-    module, callbacks = TinyLM(optimizer=optimizer, seed=1), make_callbacks()  # other init: weights must load
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="resume-{step}", save_top_k=-1, every_n_train_steps=stop)
+    first = fast_trainer(tmp_path / "a", callbacks=[*make_callbacks(), ckpt], max_steps=first_steps or stop,
+                         enable_checkpointing=True)
+    first.fit(module_cls(optimizer=optimizer), data())
+    module, callbacks = module_cls(optimizer=optimizer, seed=1), make_callbacks()  # other init: weights must load
     resumed = fast_trainer(tmp_path / "b", callbacks=callbacks, max_steps=steps)
-    resumed.fit(module, data(), ckpt_path=str(tmp_path / "ckpt" / "resume.ckpt"))
+    resumed.fit(module, data(), ckpt_path=str(tmp_path / "ckpt" / f"resume-step={stop}.ckpt"))
     assert resumed.global_step == steps
     return (ref, ref_module, ref_callbacks), (resumed, module, callbacks)
 
@@ -445,17 +449,19 @@ def test_reevaluation_after_a_removal_picks_among_the_blocks_that_exist(tmp_path
     assert all(not p.requires_grad for i in freeze.frozen_blocks for p in module.model.model.layers[i].parameters())
 
 
+class PerBlockGroups(TinyLM):
+    """One param group per block (layer-wise learning rates) and one for the rest."""
+
+    def configure_optimizers(self):
+        blocks = [{"params": list(b.parameters()), "lr": 1e-2 * (i + 1)} for i, b in enumerate(self.model.model.layers)]
+        rest = [p for n, p in self.named_parameters() if ".layers." not in n]
+        optimizer = torch.optim.Adam([*blocks, {"params": rest}])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
 def test_layer_wise_groups_of_removed_frozen_blocks_leave_the_optimizer(tmp_path):
     """One param group per block: the group of a removed frozen block (empty in the optimizer) goes too."""
-
-    class PerBlockGroups(TinyLM):
-        def configure_optimizers(self):
-            blocks = [{"params": list(b.parameters()), "lr": 1e-2 * (i + 1)} for i, b in enumerate(self.model.model.layers)]
-            rest = [p for n, p in self.named_parameters() if ".layers." not in n]
-            optimizer = torch.optim.Adam([*blocks, {"params": rest}])
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
     module = PerBlockGroups()
     trainer = fast_trainer(tmp_path, callbacks=[LayerFreezeCallback(num_frozen=3, scores=SCORES), _prune_last_two()],
                            max_steps=5)
@@ -478,6 +484,40 @@ def test_freeze_and_prune_resume_after_the_removal(tmp_path):
     end = _weights(ref_module)
     for name, value in _weights(module).items():
         torch.testing.assert_close(value, end[name], rtol=1e-5, atol=1e-6)
+
+
+def _assert_same_run(resumed, module, ref, ref_module):
+    _assert_optimizer_holds_the_trainable_only(resumed, module)
+    assert [len(g["params"]) for g in resumed.optimizers[0].param_groups] == [
+        len(g["params"]) for g in ref.optimizers[0].param_groups]
+    torch.testing.assert_close(resumed.optimizers[0].state_dict()["state"], ref.optimizers[0].state_dict()["state"],
+                               rtol=1e-5, atol=1e-7)
+    end = _weights(ref_module)
+    for name, value in _weights(module).items():
+        torch.testing.assert_close(value, end[name], rtol=1e-5, atol=1e-6)
+
+
+def test_a_removal_during_the_warm_up_keeps_the_fixed_params_out_and_resumes(tmp_path):
+    """Pruned at step 2 of a 4-step warm-up, checkpointed at step 3: the checkpoint's groups fit on resume."""
+    make = lambda: [BlockInfluenceMonitor(), LayerFreezeCallback(num_frozen=2, warmup_steps=4),  # noqa: E731
+                    _prune_last_two(at_step=2)]
+    (ref, ref_module, ref_cbs), (resumed, module, cbs) = _resume_pair(tmp_path, make, "adam", steps=6, stop=3,
+                                                                      first_steps=5)
+    assert cbs[1].frozen_blocks == ref_cbs[1].frozen_blocks and len(cbs[1].frozen_blocks) == 2
+    _assert_same_run(resumed, module, ref, ref_module)
+
+
+def test_layer_wise_groups_follow_removals_after_a_resume(tmp_path):
+    """Resumed before two removals of frozen blocks (the optimizer's groups are new objects after the load): the
+    emptied groups go, as in the uninterrupted run."""
+    from lp_callbacks import LayerPruneCallback
+
+    make = lambda: [LayerFreezeCallback(num_frozen=2, scores=[1, 2, 3, 4, 9, 9]),  # noqa: E731
+                    LayerPruneCallback(num_layers=2, at_steps=[3, 4], criterion="last", protect_last=0)]
+    (ref, ref_module, _), (resumed, module, cbs) = _resume_pair(tmp_path, make, "adam", steps=5, stop=2,
+                                                                 module_cls=PerBlockGroups, first_steps=5)
+    assert cbs[1].original_indices == [0, 1, 2, 3] and len(ref.optimizers[0].param_groups) == 4 + 1
+    _assert_same_run(resumed, module, ref, ref_module)
 
 
 def test_a_count_that_would_freeze_every_block_left_after_pruning_is_refused_at_train_start(tmp_path):

@@ -183,6 +183,7 @@ class LayerFreezeCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self.load_state_dict({})  # a fit starts a fresh plan (a second fit too); a resume restores its state later
         check_strategy_supported(trainer, "LayerFreezeCallback")
         self._load_hook = before_weights_load(
             trainer, pl_module, lambda _, checkpoint: self._before_checkpoint_load(trainer, checkpoint), late=True
@@ -193,7 +194,7 @@ class LayerFreezeCallback(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._bind(trainer, pl_module)
-        if self.frozen_blocks is not None:  # resume (or a second fit): the same set, before optimizer state loads
+        if self.frozen_blocks is not None:  # resume: the same set, before the optimizer state loads
             self._apply(trainer, self.frozen_blocks)
         elif self.source == "scores":
             self._decide(trainer, pl_module, self._fixed_scores(), "scores")
@@ -275,6 +276,8 @@ class LayerFreezeCallback(Callback):
 
     # ================================================================ blocks removed by a LayerPruneCallback
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._switch is not None:  # the optimizer state loaded (a resume) since on_fit_start: new group objects
+            self._switch.refresh_groups(trainer.optimizers)
         final_depth = planned_depth(trainer)
         if final_depth is not None:  # the count must still leave a trainable block at the pruned depth
             count_frozen(self.mode, self.amount, final_depth)
@@ -288,6 +291,7 @@ class LayerFreezeCallback(Callback):
         """Blocks left the model: the frozen set keeps the survivors (original numbering), the layouts lose the
         removed parameters, and later decisions pick among the blocks that exist."""
         self._follow_removals(trainer, pl_module)
+        self._apply(trainer, self.frozen_blocks or [])  # in the warm-up too: the fixed parameters leave again
         if self.frozen_blocks is None:
             return
         if self.sampling is not None or not self.trainable_blocks:  # draw again / no block left to train
@@ -295,7 +299,6 @@ class LayerFreezeCallback(Callback):
                 rank_zero_warn(f"LayerFreezeCallback: the removal of blocks {original_layers} left no trainable block;"
                                " the frozen set is chosen again from the last scores of the blocks left.")
             self._pending = "resampling" if self.sampling else "removal"  # before the next step
-        self._apply(trainer, self.frozen_blocks)
         self.record.update(frozen_blocks=list(self.frozen_blocks), trainable_blocks=self.trainable_blocks,
                            original_indices=original_indices(self._stack))  # type: ignore[arg-type]
 
@@ -320,8 +323,7 @@ class LayerFreezeCallback(Callback):
         names = {id(p): n for n, p in pl_module.named_parameters()}
         self._fixed_names = sorted(names.get(id(p), "?") for p in fixed)
         self._stack = stack
-        self._switch = ParamSwitch(stack, fixed, trainer.optimizers, self._switch.frozen if self._switch else None,
-                                   input_grads=self.protect["embeddings"])
+        self._switch = ParamSwitch(stack, fixed, trainer.optimizers, self._switch.frozen if self._switch else None)
 
     # ================================================================ internals: deciding
     def _decision_due(self, step: int) -> bool:
