@@ -158,7 +158,7 @@ def kd_step_ratio(original: torch.nn.Module, data: dict[str, Any], args: argpars
     alternate, timer = AlternateTeacher(distil), StepTimer()
     trainer = pl.Trainer(max_steps=args.timing_steps + 2, accelerator="cpu", devices=1, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[distil, alternate, timer])
+                         callbacks=[alternate, distil, timer])  # the teacher hidden before distil sees the batch
     trainer.fit(CausalLMModule(copy.deepcopy(original).train().requires_grad_(True), lr=args.lr),
                 DataLoader(Blocks(data["train"]), batch_size=args.batch_size))
     pairs = list(zip(alternate.with_kd, timer.times))[2:]
