@@ -42,7 +42,7 @@ REFUSED_STRATEGIES: tuple[str, ...] = ("FSDPStrategy", "DeepSpeedStrategy", "XLA
                                         "SingleDeviceXLAStrategy")  # XLA: never tried (no TPU), so refused whole
 
 _SUPPORTED = (
-    "Supported: a single device, DDP (strategy='ddp', 'ddp_spawn', 'ddp_find_unused_parameters_true', ...), and FSDP2"
+    "Supported: a single device, DDP (strategy='ddp', 'ddp_find_unused_parameters_true', ...), and FSDP2"
     " through ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1) with `fully_shard` applied to each"
     " decoder block and then the model in `configure_model` (README, 'Scaling out')."
 )
@@ -62,13 +62,16 @@ def strategy_kind(trainer: pl.Trainer) -> StrategyKind:
     return "ddp" if "DDPStrategy" in names else "local"
 
 
-def check_strategy_supported(trainer: pl.Trainer, who: str, fsdp2: bool = True) -> None:
+def check_strategy_supported(trainer: pl.Trainer, who: str, fsdp2: bool = True,
+                             changes_architecture: bool = False) -> None:
     """Raise a ``ValueError`` naming the strategy when ``who`` cannot run under it, before any training step.
 
     Args:
         trainer: the Trainer being set up.
         who: the callback's name, for the message.
         fsdp2: whether ``who`` supports FSDP2 through ``ModelParallelStrategy`` (data parallel only).
+        changes_architecture: ``who`` removes blocks: refused in spawned processes, whose results reach the main
+            process as a state dict only.
     """
     strategy = trainer.strategy
     name = type(strategy).__name__
@@ -76,6 +79,12 @@ def check_strategy_supported(trainer: pl.Trainer, who: str, fsdp2: bool = True) 
         raise ValueError(
             f"{who} does not support the {name} strategy: it shards parameters and optimizer state in a way that"
             f" changing the set of blocks mid-run would corrupt. {_SUPPORTED}"
+        )
+    if changes_architecture and type(getattr(strategy, "launcher", None)).__name__ == "_MultiProcessingLauncher":
+        raise ValueError(
+            f"{who} does not support {name} with start_method={getattr(strategy, '_start_method', 'spawn')!r}"
+            " (ddp_spawn, ddp_fork, ddp_notebook): the main process gets back the trained weights only, loaded into"
+            " its own full-depth model, not the pruned architecture. Use strategy='ddp'."
         )
     if strategy_kind(trainer) != "fsdp2":
         return

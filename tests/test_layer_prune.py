@@ -269,6 +269,48 @@ def test_sharded_strategy_refused_at_setup():  # RELIABILITY 17
         check_strategy_supported(SimpleNamespace(strategy=FSDPStrategy()), "LayerPruneCallback")
 
 
+def test_spawned_processes_refused_by_the_pruner_only():
+    """Under ddp_spawn the main process gets the worker's weights loaded into its own full-depth model: a mix of
+    trained survivors and untouched blocks. The pruner refuses it; the monitor and the freezer change no structure."""
+    from lp_callbacks.distributed import check_strategy_supported
+
+    spawned = pl.Trainer(strategy="ddp_spawn", devices=1, accelerator="cpu", logger=False)
+    with pytest.raises(ValueError, match=r"LayerPruneCallback does not support DDPStrategy with start_method='spawn'"
+                                         r" .*Use strategy='ddp'"):
+        check_strategy_supported(spawned, "LayerPruneCallback", changes_architecture=True)
+    check_strategy_supported(spawned, "LayerFreezeCallback")
+    check_strategy_supported(pl.Trainer(strategy="ddp", devices=1, accelerator="cpu", logger=False),
+                             "LayerPruneCallback", changes_architecture=True)
+
+
+def test_a_subclass_checkpoint_rebuilds_the_pruned_architecture(tmp_path):
+    from lp_callbacks.checkpoint import prune_states
+
+    class MyPrune(LayerPruneCallback):
+        pass
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3)
+    fast_trainer(tmp_path, callbacks=[MyPrune(num_layers=2, at_steps=[2]), checkpoint], max_steps=3,
+                 enable_checkpointing=True).fit(TinyLM(), loader())
+    path = tmp_path / "ckpt" / "epoch=0-step=3.ckpt"
+    assert len(prune_states(torch.load(path, weights_only=False))) == 1
+    module = TinyLM()
+    fast_trainer(tmp_path, callbacks=[MyPrune(num_layers=2, at_steps=[2])], max_steps=4).fit(module, loader(),
+                                                                                            ckpt_path=str(path))
+    assert n_layers(module) == LAYERS - 2
+
+
+def test_a_failed_fit_leaves_no_load_wrapper_on_the_strategy(tmp_path):
+    class Failing(TinyLM):
+        def training_step(self, batch, batch_idx):
+            raise RuntimeError("boom")
+
+    trainer = fast_trainer(tmp_path, callbacks=[LayerPruneCallback(num_layers=1, at_steps=[2])], max_steps=3)
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit(Failing(), loader())
+    assert not trainer.strategy.__dict__.get("_lp_before_checkpoint_load")
+
+
 # ----------------------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize(
     ("kwargs", "match"),

@@ -157,8 +157,8 @@ class LayerPruneCallback(Callback):
         self._resume_hook: Any = None
 
     @property
-    def state_key(self) -> str:
-        return self._generate_state_key(schedule=self.schedule.event_ids(), criterion=self.criterion)
+    def state_key(self) -> str:  # the class named as such, also for a subclass: checkpoint.prune_states finds it
+        return f"LayerPruneCallback{dict(schedule=self.schedule.event_ids(), criterion=self.criterion)!r}"
 
     @property
     def original_indices(self) -> list[int] | None:
@@ -177,7 +177,7 @@ class LayerPruneCallback(Callback):
         self._resume_hook = before_weights_load(trainer, pl_module, functools.partial(self._load_pruned, trainer, stage))
         if stage != "fit":
             return
-        check_strategy_supported(trainer, "LayerPruneCallback")
+        check_strategy_supported(trainer, "LayerPruneCallback", changes_architecture=True)
         self._start_run()
         by_score = self.criterion in _BY_SCORE
         self._monitor = find_or_add_monitor(trainer, "LayerPruneCallback", self.layers_path) if by_score else find_monitor(trainer)
@@ -201,6 +201,8 @@ class LayerPruneCallback(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._resume_hook is not None:
             self._resume_hook.remove()
+
+    on_exception = teardown  # a failed fit gets no teardown: the load wrapper must not outlive it either
 
     def _start_run(self) -> None:
         """A fit starts a new plan: nothing of an earlier fit of this object carries over (a resume restores it)."""
