@@ -305,7 +305,11 @@ def test_a_failed_fit_leaves_no_load_wrapper_on_the_strategy(tmp_path):
         def training_step(self, batch, batch_idx):
             raise RuntimeError("boom")
 
-    trainer = fast_trainer(tmp_path, callbacks=[LayerPruneCallback(num_layers=1, at_steps=[2])], max_steps=3)
+    from lp_callbacks import LayerFreezeCallback
+
+    freeze = LayerFreezeCallback(num_frozen=2, scores=[0.9, 0.1, 0.8, 0.2, 0.7, 0.3])
+    callbacks = [BlockInfluenceMonitor(), freeze, LayerPruneCallback(num_layers=1, at_steps=[2])]
+    trainer = fast_trainer(tmp_path, callbacks=callbacks, max_steps=3)
     with pytest.raises(RuntimeError, match="boom"):
         trainer.fit(Failing(), loader())
     assert not trainer.strategy.__dict__.get("_lp_before_checkpoint_load")

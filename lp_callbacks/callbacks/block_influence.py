@@ -269,13 +269,12 @@ class BlockInfluenceMonitor(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._detach()
 
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._detach()
-
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._detach()
         if self._rebuild_hook is not None:
             self._rebuild_hook.remove()
+
+    on_exception = teardown  # a failed fit gets no teardown: nothing of this fit may outlive it
 
     # ================================================================ checkpointing
     def state_dict(self) -> dict[str, Any]:

@@ -232,6 +232,7 @@ class LayerFreezeCallback(Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._release()
+        self.teardown(trainer, pl_module, "fit")  # a failed fit gets no teardown
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._load_hook is not None:
