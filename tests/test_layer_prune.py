@@ -5,7 +5,7 @@ import sys
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import LAYERS, TinyLM, fast_trainer, loader, random_batch
+from conftest import LAYERS, TinyLM, fast_trainer, loader, random_batch, tiny_model
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lp_callbacks import BlockInfluenceMonitor, get_decoder_layers
@@ -256,6 +256,31 @@ def test_two_instances_distinct_state_keys_both_restore(tmp_path):  # RELIABILIT
     module = TinyLM()
     fast_trainer(tmp_path, callbacks=[a2, b2], max_steps=5).fit(module, loader(), ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=4.ckpt"))
     assert a2.removed == a.removed and b2.removed == b.removed and n_layers(module) == LAYERS - 2
+
+
+def test_two_pruners_resume_a_model_built_in_configure_model(tmp_path):
+    """The FSDP2 recipe builds the model in configure_model: both pruners bind at full depth before the first one
+    rebuilds the checkpoint's architecture (the second once took the rebuilt model for an already-pruned one)."""
+    class LateLM(TinyLM):
+        def __init__(self):
+            super().__init__()
+            self.model = None
+
+        def configure_model(self):
+            if self.model is None:
+                self.model = tiny_model(seed=0).train()
+
+    def pruners():
+        return [LayerPruneCallback(num_layers=1, at_steps=[1]), LayerPruneCallback(num_layers=1, at_steps=[3],
+                                                                                   criterion="last")]
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4)
+    first = pruners()
+    fast_trainer(tmp_path, callbacks=[*first, checkpoint], max_steps=4, enable_checkpointing=True).fit(LateLM(), loader())
+    module, second = LateLM(), pruners()
+    fast_trainer(tmp_path, callbacks=second, max_steps=5).fit(module, loader(),
+                                                               ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=4.ckpt"))
+    assert [p.removed for p in second] == [p.removed for p in first] and n_layers(module) == LAYERS - 2
 
 
 def test_sharded_strategy_refused_at_setup():  # RELIABILITY 17

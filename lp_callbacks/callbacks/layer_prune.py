@@ -215,8 +215,9 @@ class LayerPruneCallback(Callback):
     def _load_pruned(self, trainer: pl.Trainer, stage: str, module: nn.Module, checkpoint: dict[str, Any]) -> None:
         """Just before a checkpoint's weights load: this callback's records, then the checkpoint's architecture."""
         if stage == "fit":
-            if self.original_num_layers is None:  # the model came from configure_model: bind it at full depth
-                self._bind(trainer, module)
+            for pruner in trainer.callbacks:  # type: ignore[attr-defined]
+                if isinstance(pruner, LayerPruneCallback) and pruner.original_num_layers is None:
+                    pruner._bind(trainer, module)  # a model from configure_model: every pruner binds at full depth
             self._restore_own_state(trainer, checkpoint)
         present = restore_pruned_architecture(module, checkpoint, self.layers_path)
         if stage == "fit":
