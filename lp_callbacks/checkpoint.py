@@ -49,7 +49,10 @@ DISTRIBUTED_METADATA_FILE = "meta.pt"
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any] | None:
     """The checkpoint file at ``path``, memory-mapped (weights stay on disk); for a distributed checkpoint folder
-    (FSDP2's default) its metadata only: callbacks' states, loops, no ``state_dict``; ``None`` for another folder."""
+    (FSDP2's default) its metadata only: callbacks' states, loops, no ``state_dict``; ``None`` for another folder.
+    A URL (``s3://``, ``gs://``, ``memory://``...) is read through fsspec, as Lightning reads it."""
+    if _is_url(path):
+        return _load_url(str(path))
     path = Path(path)
     if path.is_dir():
         metadata = path / DISTRIBUTED_METADATA_FILE
@@ -57,6 +60,24 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any] | None:
     if not path.is_file():
         raise FileNotFoundError(f"`ckpt_path` {str(path)!r} does not exist.")
     return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+
+
+def _is_url(path: Any) -> bool:
+    return isinstance(path, str) and "://" in path
+
+
+def _load_url(url: str) -> dict[str, Any] | None:
+    from lightning.fabric.utilities.cloud_io import get_filesystem
+
+    fs = get_filesystem(url)
+    if fs.isdir(url):
+        url = f"{url.rstrip('/')}/{DISTRIBUTED_METADATA_FILE}"
+        if not fs.isfile(url):
+            return None
+    elif not fs.isfile(url):
+        raise FileNotFoundError(f"`ckpt_path` {url!r} does not exist.")
+    with fs.open(url, "rb") as handle:
+        return torch.load(handle, map_location="cpu", weights_only=False)
 
 
 def prune_states(checkpoint: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -196,8 +217,13 @@ def before_weights_load(
 
 
 def _local_checkpoint(path: Any) -> dict[str, Any] | None:
-    # a remote URL (s3://, ...) is Lightning's to read, and cannot be rebuilt for here
-    return load_checkpoint(path) if path and Path(path).exists() else None
+    if not path:
+        return None
+    if _is_url(path):
+        from lightning.fabric.utilities.cloud_io import get_filesystem
+
+        return load_checkpoint(path) if get_filesystem(path).exists(path) else None
+    return load_checkpoint(path) if Path(path).exists() else None
 
 
 class _BeforeLoad:

@@ -93,6 +93,22 @@ def test_resume_without_the_pruner_rebuilds_the_architecture(tmp_path):
     assert len(get_decoder_layers(module)) == LAYERS - 2 and monitor.num_layers == LAYERS - 2
 
 
+def test_a_checkpoint_at_a_url_is_rebuilt_before_its_weights_load(tmp_path):
+    """``ckpt_path`` a URL (``s3://``, ``gs://``; fsspec's ``memory://`` here): read through fsspec, as Lightning reads
+    it, and the pruned architecture rebuilt (it was skipped, and the strict weight load then failed)."""
+    import fsspec
+
+    pruned, checkpoint = pruned_run(tmp_path)
+    url = "memory://lp-checkpoints/pruned.ckpt"
+    fsspec.filesystem("memory").pipe(url, open(checkpoint.best_model_path, "rb").read())
+    module = TinyLM()
+    fast_trainer(tmp_path, callbacks=[LayerPruneCallback(num_layers=2, at_steps=[2])], max_steps=5).fit(
+        module, loader(length=16), ckpt_path=url)
+    assert len(get_decoder_layers(module)) == LAYERS - 2
+    restored = load_pruned_checkpoint(TinyLM(), url)
+    same_weights(restored, pruned)
+
+
 def test_restore_is_idempotent_and_refuses_another_model(tmp_path):
     _, checkpoint = pruned_run(tmp_path)
     state = torch.load(checkpoint.best_model_path, weights_only=False)
