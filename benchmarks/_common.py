@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import lightning.pytorch as pl
 import torch
@@ -22,6 +25,79 @@ from lp_callbacks.harness.models import load_smollm2  # noqa: E402
 OOD_MODULES = ("subprocess", "shelve", "heapq", "sqlite3", "http.cookiejar", "unittest", "pickle", "difflib")
 # Plays never trained on: the in-domain held-out set.
 HELD_OUT_PLAYS = ("tempest_gut.txt", "twelfth_night_gut.txt")
+
+
+# ------------------------------------------------------------------------------ result files
+def check_result_path(path: Path | str | None, benchmark: str, flag: str = "--json") -> dict | None:
+    """Refuse (``ValueError``, naming ``flag``) a result path this benchmark may not write: a folder, a link, a file
+    in a folder that does not exist, or an existing file that is not a JSON object written by ``benchmark`` (its
+    top-level ``"benchmark"`` key; a file from before that key was written is refused too). Call it right after
+    parsing the arguments, before any run. Returns the existing result (``None`` when there is none)."""
+    if path is None:
+        return None
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise ValueError(f"{flag} {path}: the folder {path.parent} does not exist")
+    if path.is_symlink():
+        raise ValueError(f"{flag} {path} is a link; {benchmark} writes its results only to a plain file: pass another"
+                         f" {flag}")
+    if not path.exists():
+        return None
+    if not path.is_file():
+        raise ValueError(f"{flag} {path} exists and is not a file: pass another {flag}")
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        saved = None
+    owner = saved.get("benchmark") if isinstance(saved, dict) else None
+    if owner != benchmark:
+        what = ("not a JSON object" if not isinstance(saved, dict) else
+                "a result without the \"benchmark\" key (written before results were marked, or not by a benchmark)"
+                if owner is None else f"a result of {owner!r}")
+        raise ValueError(f"{flag} {path} exists and is {what}, not a result of {benchmark!r}: it is not replaced."
+                         f" Delete it or pass another {flag}")
+    return saved
+
+
+def write_atomically(path: Path | str, write: Callable[[Any], None]) -> None:
+    """``write(binary file)`` into a temporary file in ``path``'s folder, then ``os.replace`` it onto ``path``: a
+    reader (or a run that stops) sees the old file or the new one, never half of one. Checks nothing."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600: give the file the mode a plain open() would
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_result(path: Path | str, payload: dict, benchmark: str, flag: str = "--json") -> None:
+    """Write ``payload`` as JSON to ``path``, marked ``"benchmark": benchmark``, atomically; refuses (as
+    :func:`check_result_path`) a path that is not this benchmark's to replace."""
+    if payload.get("benchmark", benchmark) != benchmark:
+        raise ValueError(f"payload marked benchmark={payload['benchmark']!r}, written by {benchmark!r}")
+    check_result_path(path, benchmark, flag)
+    text = json.dumps({"benchmark": benchmark, **payload}, indent=2, default=str).encode("utf-8")
+    write_atomically(path, lambda f: f.write(text))
+
+
+def json_settings(values: dict) -> dict:
+    """Settings as a JSON file holds them (paths as strings, tuples as lists): comparable with saved ones."""
+    return json.loads(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in values.items()}, default=str))
+
+
+def differing_settings(saved: dict, now: dict, keys) -> dict[str, tuple]:
+    """``{key: (saved, now)}`` for each of ``keys`` whose value differs (``"<absent>"`` where a side lacks it)."""
+    saved, now = json_settings(saved), json_settings(now)
+    return {k: (saved.get(k, "<absent>"), now.get(k, "<absent>")) for k in keys
+            if saved.get(k, "<absent>") != now.get(k, "<absent>")}
 
 
 def spread_blocks(ids: torch.Tensor, seq_len: int, num_blocks: int) -> torch.Tensor:

@@ -26,7 +26,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from _common import StepTimer, median, real_model, shakespeare_blocks, table
+from _common import StepTimer, check_result_path, median, real_model, shakespeare_blocks, table, write_json_result
 from torch.utils.data import DataLoader, TensorDataset
 
 from lp_callbacks import BlockInfluenceMonitor, block_influence, get_decoder_layers
@@ -192,7 +192,10 @@ def agreement(steps: int, batch: int, seq: int) -> dict:
     }
 
 
-def main() -> None:
+BENCHMARK = "bi_overhead"  # the mark of its --json files
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--batch", type=int, default=8)
@@ -201,7 +204,17 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--skip-agreement", action="store_true", help="only the timing and memory parts")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if not args.memory_child:  # a child writes no result file
+        try:
+            check_result_path(args.json, BENCHMARK)
+        except ValueError as e:
+            parser.error(str(e))
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     if args.memory_child:
         peak_memory_child(args.memory_child, args.batch, args.seq)
         return
@@ -216,7 +229,7 @@ def main() -> None:
     print_training(results, steps, args)
     print_offline(results, repeats, args)
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        write_json_result(args.json, results, BENCHMARK)
 
 
 def print_agreement(results: dict) -> None:

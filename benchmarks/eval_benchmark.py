@@ -32,13 +32,17 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from _common import real_model, table  # the repo root on sys.path: import lp_callbacks from it
+from _common import (  # the repo root on sys.path: import lp_callbacks from it
+    check_result_path,
+    real_model,
+    table,
+    write_json_result,
+)
 
 from lp_callbacks import drop_layers, measure_depth
 from lp_callbacks.evaluation import (
@@ -54,9 +58,10 @@ from lp_callbacks.selection import lowest_scores
 # Plays never measured on: perplexity, agreement and the prompts come from them.
 HELD_OUT_PLAYS = ("tempest_gut.txt", "twelfth_night_gut.txt")
 CALIBRATION_FILES = 4  # the first plays (alphabetically) not held out
+BENCHMARK = "eval_benchmark"  # the mark of its --json files
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--counts", type=int, nargs="+", default=[0, 3, 6], help="blocks removed (default 0 3 6)")
     parser.add_argument("--calibration-blocks", type=int, default=8, help="calibration blocks of --seq-len tokens")
@@ -79,7 +84,12 @@ def parse_args() -> argparse.Namespace:
                              " while another process holds a core are several times slower; the numbers do not depend"
                              " on it)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
-    return parser.parse_args()
+    args = parser.parse_args(argv)
+    try:
+        check_result_path(args.json, BENCHMARK)
+    except ValueError as e:
+        parser.error(str(e))
+    return args
 
 
 def encode(tokenizer, paths) -> torch.Tensor:
@@ -215,8 +225,8 @@ def main() -> None:
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
     if args.json:
         settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-        args.json.write_text(json.dumps({"settings": settings, "protocol": protocol.describe(),
-                                         "block_influence": bi.tolist(), "rows": rows}, indent=2, default=str))
+        write_json_result(args.json, {"settings": settings, "protocol": protocol.describe(),
+                                      "block_influence": bi.tolist(), "rows": rows}, BENCHMARK)
         print(f"wrote {args.json}")
 
 

@@ -50,7 +50,17 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import Blocks, StepTimer, heal_data, real_model, table  # noqa: E402
+from _common import (  # noqa: E402
+    Blocks,
+    StepTimer,
+    check_result_path,
+    differing_settings,
+    heal_data,
+    real_model,
+    table,
+    write_atomically,
+    write_json_result,
+)
 
 from lp_callbacks import measure_depth  # noqa: E402
 from lp_callbacks.callbacks.layer_freeze import LayerFreezeCallback  # noqa: E402
@@ -60,9 +70,19 @@ from lp_callbacks.harness.module import CausalLMModule  # noqa: E402
 
 METHODS = ("full", "blocks", "bi", "random", "position", "lora", "lisa", "lisa_bi")
 SEEDED = ("random", "lisa", "lisa_bi")
+BENCHMARK = "forgetting_benchmark"  # the mark of its result files
+NUM_LAYERS = 30  # SmolLM2-135M's blocks (the bound of --lisa-blocks)
+# the settings a run's numbers depend on: --reuse takes runs only from a file made with the same
+REUSE_KEYS = ("steps", "eval_every", "batch_size", "seq_len", "lr", "eval_tokens", "lisa_blocks", "lisa_every")
 
 
-def parse_args() -> argparse.Namespace:
+def picture_path(json_path: Path) -> Path:
+    """The PNG written next to the JSON."""
+    return json_path.with_suffix(".png")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The arguments, every one checked (and the result paths, and a --reuse file's settings) before any work."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--steps", type=int, default=60)
@@ -77,7 +97,52 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=Path("forgetting_benchmark.json"))
     parser.add_argument("--reuse", type=Path, default=None,
                         help="a JSON of an earlier run with the same settings: its runs are not repeated")
-    return parser.parse_args()
+    args = parser.parse_args(argv)
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in methods if m not in METHODS]
+    if not methods or unknown or len(set(methods)) != len(methods):
+        parser.error(f"--methods must be a comma-separated list of distinct methods among {', '.join(METHODS)};"
+                     f" got {args.methods!r}" + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
+    args.method_list = methods
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        seeds = None
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        parser.error(f"--seeds must be a comma-separated list of distinct ints >= 0, got {args.seeds!r}")
+    args.seed_list = seeds
+    for name in ("steps", "eval_every", "batch_size", "seq_len", "eval_tokens", "lisa_every"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be an int >= 1, got {getattr(args, name)}")
+    if not 1 <= args.lisa_blocks <= NUM_LAYERS:
+        parser.error(f"--lisa-blocks must be in [1, {NUM_LAYERS}] (SmolLM2-135M's blocks), got {args.lisa_blocks}")
+    if not args.lr > 0:
+        parser.error(f"--lr must be > 0, got {args.lr}")
+    if args.json.suffix.lower() == ".png":
+        parser.error(f"--json must not end in .png (the picture is written next to the JSON, as .png), got {args.json}")
+    try:
+        saved = check_result_path(args.json, BENCHMARK)
+        picture = picture_path(args.json)
+        if picture.is_symlink() or (picture.exists() and not picture.is_file()):
+            raise ValueError(f"the picture path {picture} (next to --json) is a link or not a file: pass another --json")
+        if picture.exists() and (saved is None or saved.get("picture") != picture.name):
+            raise ValueError(f"the picture path {picture} (next to --json {args.json}) exists but the JSON there does not"
+                             " name it as its picture, so it is not this benchmark's to replace. Delete it or pass"
+                             " another --json")
+    except ValueError as e:
+        parser.error(str(e))
+    args.earlier = []
+    if args.reuse:
+        try:
+            saved = json.loads(args.reuse.read_text(encoding="utf-8"))
+            saved_args, earlier = saved["args"], saved["results"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            parser.error(f"--reuse {args.reuse}: not a JSON of this benchmark with \"args\" and \"results\" ({e!r})")
+        changed = differing_settings(saved_args, vars(args), REUSE_KEYS)
+        if changed:
+            parser.error(f"--reuse {args.reuse} was made with other settings (saved, now): {changed}")
+        args.earlier = earlier
+    return args
 
 
 class Evaluator(pl.Callback):
@@ -198,7 +263,10 @@ def spread(values: list[float]) -> str:
 def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
     base = results[0]["curve"][0]
     print(f"\n## Before training: in-domain ppl {base['in_domain']:.2f}, out-of-domain ppl {base['out_of_domain']:.2f}")
-    full = next((r for r in results if r["method"] == "full"), results[0])
+    full = next((r for r in results if r["method"] == "full"), results[0])  # the reference of the ratios
+    ref = "full" if full["method"] == "full" else f"{full['method']}; full not run"
+    if full["method"] != "full":
+        print(f"\nfull fine-tuning was not among --methods: the ratios below are to {full['method']}, not to full")
     steps = [p["step"] for p in full["curve"]]
     print("\n### Out-of-domain perplexity over steps (mean over seeds)")
     by_method: dict[str, list[dict[str, Any]]] = {}
@@ -220,7 +288,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
             f"{statistics.mean(r['step_time'] for r in rs) / full['step_time']:.3f}",
         ])
     print(table(["method", "runs", "in-domain ppl", "out-of-domain ppl", "out-of-domain at equal gain",
-                 "trainable params", "optimizer state (peak)", "step time"], rows))
+                 f"trainable params (x {ref})", f"optimizer state, peak (x {ref})", f"step time (x {ref})"], rows))
 
 
 def _peak(result: dict[str, Any]) -> int:
@@ -229,6 +297,7 @@ def _peak(result: dict[str, Any]) -> int:
 
 
 def plot(results: list[dict[str, Any]], path: Path) -> None:
+    """The two panels, written to ``path`` atomically (its ownership checked by the caller)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -247,7 +316,8 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     ax2.invert_xaxis()
     ax1.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    write_atomically(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    plt.close(fig)
 
 
 def main() -> None:
@@ -255,23 +325,16 @@ def main() -> None:
     torch.manual_seed(0)
     _, tokenizer = real_model()
     data = heal_data(tokenizer, args.steps, args.batch_size, args.seq_len, args.eval_tokens)
-    methods = [m for m in args.methods.split(",") if m]
+    methods, seeds = args.method_list, args.seed_list
     bi = calibration_bi(data) if {"bi", "lisa_bi"} & set(methods) else []
-    seeds = [int(s) for s in args.seeds.split(",")]
-    earlier = []
-    if args.reuse:
-        saved = json.loads(args.reuse.read_text())
-        keys = ("steps", "eval_every", "batch_size", "seq_len", "lr", "eval_tokens", "lisa_blocks", "lisa_every")
-        changed = {k: (saved["args"][k], vars(args)[k]) for k in keys if saved["args"][k] != vars(args)[k]}
-        if changed:
-            raise SystemExit(f"--reuse {args.reuse}: other settings (saved, now): {changed}")
-        earlier = saved["results"]
-    done = {(r["method"], r["seed"]): r for r in earlier}
+    done = {(r["method"], r["seed"]): r for r in args.earlier}
     results = [done.get((m, seed)) or run(m, seed, data, bi, args) for m in methods for seed in (seeds if m in SEEDED else [0])]
     report(results, args)
-    args.json.write_text(json.dumps({"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                                      "bi": bi, "results": results}, indent=2))
-    picture = args.json.with_suffix(".png")
+    saved_args = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+                  if k not in ("earlier", "method_list", "seed_list")}
+    picture = picture_path(args.json)
+    # the JSON first: it names the picture, which makes the picture this benchmark's to replace next time
+    write_json_result(args.json, {"args": saved_args, "bi": bi, "results": results, "picture": picture.name}, BENCHMARK)
     plot(results, picture)
     print(f"\nwritten: {args.json}, {picture}")
 

@@ -43,8 +43,16 @@ from lp_callbacks.harness.data import shakespeare_files  # noqa: E402
 from lp_callbacks.harness.models import load_smollm2  # noqa: E402
 from lp_callbacks.harness.module import CausalLMModule  # noqa: E402
 
+NUM_LAYERS = 30  # SmolLM2-135M's blocks (checked once the model is loaded)
 
-def parse_args() -> argparse.Namespace:
+
+def frozen_count(fraction: float, num_layers: int = NUM_LAYERS) -> int:
+    """The blocks ``--fraction-frozen`` freezes in the bi, random and position runs."""
+    return round(fraction * num_layers)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The arguments, checked before any run (--fraction-frozen 1.0 once failed after the first run)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -54,7 +62,19 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--eval-blocks", type=int, default=12, help="blocks of each evaluation set")
     parser.add_argument("--calibration-blocks", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args()
+    args = parser.parse_args(argv)
+    for name in ("steps", "batch_size", "seq_len", "eval_blocks", "calibration_blocks"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be an int >= 1, got {getattr(args, name)}")
+    if args.seed < 0:
+        parser.error(f"--seed must be an int >= 0, got {args.seed}")
+    if not args.lr > 0:
+        parser.error(f"--lr must be > 0, got {args.lr}")
+    if not 1 <= frozen_count(args.fraction_frozen) <= NUM_LAYERS - 1:
+        parser.error(f"--fraction-frozen must freeze between 1 and {NUM_LAYERS - 1} of SmolLM2-135M's {NUM_LAYERS}"
+                     f" blocks (round(fraction x {NUM_LAYERS}); at least one must stay trainable), got"
+                     f" {args.fraction_frozen} ({frozen_count(args.fraction_frozen)} blocks)")
+    return args
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -159,6 +179,8 @@ def main() -> None:
     started = time.perf_counter()
     model, tokenizer = load_smollm2()
     num_layers = model.config.num_hidden_layers
+    if num_layers != NUM_LAYERS:
+        raise RuntimeError(f"the model has {num_layers} blocks, --fraction-frozen was checked against {NUM_LAYERS}")
     data = datasets(tokenizer, args)
     base = {"in_domain": perplexity(model, data["in_domain"], args.batch_size),
             "out_of_domain": perplexity(model, data["out_of_domain"], args.batch_size)}
@@ -166,7 +188,7 @@ def main() -> None:
     print(f"base model: in-domain ppl {base['in_domain']:.2f}, out-of-domain ppl {base['out_of_domain']:.2f}",
           flush=True)
 
-    frozen = round(args.fraction_frozen * num_layers)
+    frozen = frozen_count(args.fraction_frozen, num_layers)
     calibration = DataLoader(Blocks(data["calibration"]), batch_size=args.batch_size)
     random_scores = torch.randperm(num_layers, generator=torch.Generator().manual_seed(args.seed)).double()
     position_scores = torch.arange(num_layers, 0, -1).double()  # the first blocks score highest: frozen

