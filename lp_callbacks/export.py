@@ -30,7 +30,7 @@ from torch import nn
 
 from lp_callbacks.architectures import find_hf_model, input_embeddings, output_embeddings
 
-__all__ = ["RECORD_FILE", "check_export_dir", "save_export", "write_dir_atomically"]
+__all__ = ["RECORD_FILE", "check_export_dir", "has_leftovers", "save_export", "write_dir_atomically"]
 
 RECORD_FILE = "lp_pruning.json"
 """Written into every export; marks a directory as this package's own export, which may be replaced."""
@@ -135,7 +135,14 @@ def _recover(target: Path, marker: str = RECORD_FILE) -> None:
         _discard(old, target)
 
 
-def check_export_dir(directory: str | os.PathLike, argument: str = "export_dir") -> Path:
+def has_leftovers(directory: str | os.PathLike) -> bool:
+    """Whether a killed write left a temporary or renamed-aside copy next to ``directory``."""
+    target = _target(directory)
+    return any(_siblings(target, kind) for kind in (_TMP, _OLD))
+
+
+def check_export_dir(directory: str | os.PathLike, argument: str = "export_dir", *, marker: str = RECORD_FILE,
+                     kind: str = _EXPORT, recover: bool = True) -> Path:
     """Validate an export target at setup, before any training step, and clean leftovers of a killed export.
 
     Accepted: a path that does not exist but can be created (its nearest existing ancestor is a writable
@@ -147,6 +154,10 @@ def check_export_dir(directory: str | os.PathLike, argument: str = "export_dir")
     Args:
         directory: the target; ``~`` is expanded.
         argument: the name of the user-facing argument, used in error messages.
+        marker, kind: for another directory the package writes (the harness's model cache): the file that marks
+            it as the package's, and what messages call it.
+        recover: clean (or restore) a killed write's leftovers first; ``False`` when another process may be
+            writing now.
 
     Returns:
         The absolute target path, ``~`` expanded.
@@ -168,8 +179,9 @@ def check_export_dir(directory: str | os.PathLike, argument: str = "export_dir")
         ValueError: `export_dir` must be a new directory, ... It holds: 'notes.txt'. ...
     """
     target = _target(directory)
-    _recover(target)
-    _check_target(target, argument)
+    if recover:
+        _recover(target, marker)
+    _check_target(target, argument, marker, kind)
     return target
 
 

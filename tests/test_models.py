@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -54,7 +55,7 @@ def test_cache_is_written_once_then_reused(source_dir, tmp_path, monkeypatch):
     marker = json.loads((cache / "lp_callbacks_source.json").read_text())
     assert marker["name_or_path"] == str(source_dir.resolve())
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in cache.iterdir()}
-    assert [p.name for p in cache.parent.iterdir()] == ["tiny"]  # no temporary directory left behind
+    assert sorted(p.name for p in cache.parent.iterdir()) == [".tiny.lp-lock", "tiny"]  # no temporary directory
 
     def no_source(*args, **kwargs):
         raise AssertionError("loaded from the source although a complete cache exists")
@@ -76,7 +77,7 @@ def test_crash_while_writing_leaves_no_cache(source_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(type(char_tokenizer()), "save_pretrained", crash)  # dies after the weights are written
     with pytest.raises(KeyboardInterrupt):
         load_causal_lm(source_dir, cache_dir=cache)
-    assert not cache.exists() and list(cache.parent.iterdir()) == []
+    assert not cache.exists() and [p.name for p in cache.parent.iterdir()] == [".tiny.lp-lock"]
     monkeypatch.undo()
     model, _ = load_causal_lm(source_dir, cache_dir=cache)
     assert (cache / "lp_callbacks_source.json").is_file()
@@ -94,10 +95,60 @@ def test_cache_of_another_model_is_rebuilt(source_dir, tmp_path):
     assert json.loads((cache / "lp_callbacks_source.json").read_text())["name_or_path"] == str(other.resolve())
 
 
-def test_refuses_to_overwrite_a_foreign_directory(source_dir, tmp_path):
+def test_cache_is_rebuilt_when_the_source_weights_change(source_dir, tmp_path):
+    cache = tmp_path / "cache"
+    load_causal_lm(source_dir, cache_dir=cache)
+    weights = source_dir / "model.safetensors"
+    old = weights.stat()
+    tiny_model("llama", seed=1).save_pretrained(source_dir)  # re-exported into the same directory: same shapes
+    assert weights.stat().st_size == old.st_size
+    os.utime(weights, ns=(old.st_atime_ns, old.st_mtime_ns))  # even with the old time kept (cp -p)
+    with pytest.warns(UserWarning, match=r"whose files have changed since: rebuilding it"):
+        model, _ = load_causal_lm(source_dir, cache_dir=cache)
+    torch.testing.assert_close(logits(model), logits(tiny_model("llama", seed=1)))
+
+
+def test_gguf_key_changes_with_a_rewrite_of_the_same_size(tmp_path):
+    gguf, mib = tmp_path / "m.gguf", 1 << 20
+    gguf.write_bytes(b"\0" * (mib + 8))
+    old = gguf.stat()
+    before = models_mod._describe_source(str(tmp_path), "m.gguf")
+    gguf.write_bytes(b"\0" * mib + b"12345678")  # past the first MiB: same size, only the time tells
+    os.utime(gguf, ns=(old.st_atime_ns, old.st_mtime_ns + 1))  # a later write, whatever the clock's resolution
+    assert models_mod._describe_source(str(tmp_path), "m.gguf") != before
+
+
+def test_leftovers_of_a_killed_write_are_cleaned(source_dir, tmp_path):
+    cache = tmp_path / "cache"
+    load_causal_lm(source_dir, cache_dir=cache)
+    (tmp_path / ".cache.lp-tmp-dead01").mkdir()  # killed while filling its temporary copy
+    (tmp_path / ".cache.lp-tmp-dead01" / "model.safetensors").write_bytes(b"half")
+    load_causal_lm(source_dir, cache_dir=cache)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".cache.lp-lock", "cache", "source"]
+
+
+def test_copy_renamed_aside_by_a_killed_write_is_restored(source_dir, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    load_causal_lm(source_dir, cache_dir=cache)
+    cache.rename(tmp_path / ".cache.lp-old-dead01")  # killed between the two renames of the swap
+
+    def no_source(*args, **kwargs):
+        raise AssertionError("converted again although the complete copy was only renamed aside")
+
+    monkeypatch.setattr(models_mod, "_load_from_source", no_source)
+    load_causal_lm(source_dir, cache_dir=cache)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".cache.lp-lock", "cache", "source"]
+
+
+def test_refuses_to_overwrite_a_foreign_directory(source_dir, tmp_path, monkeypatch):
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("converted the source before checking cache_dir")
+
+    monkeypatch.setattr(models_mod, "_load_from_source", no_conversion)
     with pytest.raises(ValueError, match=r"mine', a non-empty directory that is not an lp_callbacks model cache"):
         load_causal_lm(source_dir, cache_dir=foreign)
     assert (foreign / "notes.txt").read_text() == "keep me"

@@ -5,7 +5,8 @@
 
 A GGUF file is dequantised to fp32 on load, which takes seconds to minutes. With ``cache_dir`` the loaded model and
 tokenizer are written there with ``save_pretrained`` once (atomically: a temporary directory renamed into place), and
-every later call loads the plain safetensors copy instead, in well under a second for SmolLM2-135M.
+every later call loads the plain safetensors copy instead, in well under a second for SmolLM2-135M. The copy is
+rebuilt when the source's files change (their names, sizes, modification times and the hash of their first MiB).
 
 Example:
     >>> model, tokenizer = load_smollm2()  # doctest: +SKIP
@@ -17,8 +18,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import hashlib
 import importlib.util
 import json
 import os
@@ -29,10 +32,12 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lp_callbacks.export import write_dir_atomically
+from lp_callbacks.export import check_export_dir, has_leftovers, write_dir_atomically
 from lp_callbacks.validation import check_dtype
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = [
@@ -56,7 +61,9 @@ SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Written last into a cache directory: it says where the copy came from, and its presence says the copy is complete.
 _MARKER = "lp_callbacks_source.json"
-_MARKER_VERSION = 1
+_MARKER_VERSION = 2  # 2: the source's files are part of the key
+_KIND = "an lp_callbacks model cache"
+_HASHED_BYTES = 1 << 20
 
 
 def default_cache_root() -> Path:
@@ -128,8 +135,10 @@ def load_causal_lm(
         gguf_file: name of a GGUF file inside ``name_or_path`` (dequantised to fp32 on load).
         cache_dir: when given, a complete copy made by an earlier call is loaded from here, or the loaded model is
             saved here with ``save_pretrained`` (written to a temporary directory, then renamed, so a crash never
-            leaves a half-written cache). A copy made from another source is replaced, with a warning. The copy is
-            always fp32, whatever ``dtype`` says.
+            leaves a half-written cache). A copy made from another source, or from files of the source that have
+            changed since, is replaced, with a warning. The copy is always fp32, whatever ``dtype`` says. Processes
+            loading the same cache at once (DDP ranks) take turns (a lock file ``.{name}.lp-lock`` next to it): one
+            converts, the others load its copy; the leftovers of a killed writer are cleaned, or restored, then.
         dtype: dtype of the returned model, a ``torch.dtype`` or its name (default ``torch.float32``).
 
     Returns:
@@ -153,15 +162,20 @@ def load_causal_lm(
         model, tokenizer = _load_from_source(name_or_path, gguf_file)
         return model.to(torch_dtype), _ensure_pad_token(tokenizer)
 
-    cache = Path(cache_dir).expanduser()
-    if _cache_matches(cache, source):
+    # a refused cache_dir fails before the (slow) conversion; leftovers are cleaned only under the lock below
+    cache = check_export_dir(cache_dir, "cache_dir", marker=_MARKER, kind=_KIND, recover=False)
+    if _cache_matches(cache, source, warn=False) and not has_leftovers(cache):
         return _load_from_dir(cache, torch_dtype)
-
-    model, tokenizer = _load_from_source(name_or_path, gguf_file)
-    _ensure_pad_token(tokenizer)
-    rank_zero_info(f"lp_callbacks: caching {source['name_or_path']} ({gguf_file or 'no gguf'}) to {cache}")
-    _write_cache_atomically(model, tokenizer, cache, source)
-    del model
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with _writer_lock(cache) as alone:
+        if alone:  # no other writer is live: a killed one's temporary copy is removed, its previous copy restored
+            check_export_dir(cache, "cache_dir", marker=_MARKER, kind=_KIND)
+        if not _cache_matches(cache, source):  # another process may have written it while we waited
+            model, tokenizer = _load_from_source(name_or_path, gguf_file)
+            _ensure_pad_token(tokenizer)
+            rank_zero_info(f"lp_callbacks: caching {source['name_or_path']} ({gguf_file or 'no gguf'}) to {cache}")
+            _write_cache_atomically(model, tokenizer, cache, source)
+            del model
     # Reload the plain copy: the first run then trains exactly the model every later run gets (no quantizer left).
     return _load_from_dir(cache, torch_dtype)
 
@@ -187,16 +201,49 @@ def _split_gguf(name_or_path: str | os.PathLike, gguf_file: str | None) -> tuple
 
 
 def _describe_source(name_or_path: str, gguf_file: str | None) -> dict[str, Any]:
-    """What a cache copy was made from; compared on load so another model's copy is never returned."""
+    """What a cache copy was made from; compared on load so another model's (or an older version's) copy is never
+    returned. A local source is identified by its files too: the GGUF file, or a directory's top-level files."""
     path = Path(name_or_path)
-    source: dict[str, Any] = {
+    if gguf_file is not None:
+        files = [path / gguf_file]
+    else:
+        files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")) if path.is_dir() else []
+    return {
         "version": _MARKER_VERSION,
         "name_or_path": str(path.resolve()) if path.exists() else name_or_path,
         "gguf_file": gguf_file,
+        "files": {p.name: _fingerprint(p) for p in files},
     }
-    if gguf_file is not None:
-        source["gguf_size"] = (path / gguf_file).stat().st_size  # a re-released file of the same name differs in size
-    return source
+
+
+def _fingerprint(path: Path) -> list[Any]:
+    """Size, modification time (ns) and SHA-256 of the first MiB of a file. A rewrite changes the time (the size
+    alone misses a re-export of the same shapes); the hash covers a copy that kept the old time (``cp -p``) when it
+    differs in the header or the first tensors."""
+    stat = path.stat()
+    with path.open("rb") as handle:
+        digest = hashlib.sha256(handle.read(_HASHED_BYTES)).hexdigest()
+    return [stat.st_size, stat.st_mtime_ns, digest]
+
+
+@contextlib.contextmanager
+def _writer_lock(cache: Path) -> Iterator[bool]:
+    """Hold an exclusive ``flock`` on ``.{name}.lp-lock`` next to ``cache`` (created once, kept); yield whether it
+    is held. Without one (no ``fcntl``, a filesystem without ``flock``) writers may run at once: ``False``."""
+    try:
+        import fcntl
+
+        handle = (cache.parent / f".{cache.name}.lp-lock").open("a")
+    except (ImportError, OSError):
+        yield False
+        return
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed
+        except OSError:
+            yield False
+            return
+        yield True
 
 
 def _read_marker(cache: Path) -> dict[str, Any] | None:
@@ -206,18 +253,19 @@ def _read_marker(cache: Path) -> dict[str, Any] | None:
         return None
 
 
-def _cache_matches(cache: Path, source: dict[str, Any]) -> bool:
+def _cache_matches(cache: Path, source: dict[str, Any], warn: bool = True) -> bool:
     recorded = _read_marker(cache)
     if recorded is None:
         return False
-    if recorded != source:
-        rank_zero_warn(
-            f"lp_callbacks: the cache {cache} holds a copy of {recorded.get('name_or_path')!r}"
-            f" (gguf_file={recorded.get('gguf_file')!r}), not of {source['name_or_path']!r}"
-            f" (gguf_file={source['gguf_file']!r}): rebuilding it."
+    if recorded != source and warn:
+        name, gguf = recorded.get("name_or_path"), recorded.get("gguf_file")
+        what = (
+            "whose files have changed since" if (name, gguf) == (source["name_or_path"], source["gguf_file"])
+            else f"not of {source['name_or_path']!r} (gguf_file={source['gguf_file']!r})"
         )
-        return False
-    return True
+        rank_zero_warn(f"lp_callbacks: the cache {cache} holds a copy of {name!r} (gguf_file={gguf!r}), {what}:"
+                       " rebuilding it.")
+    return recorded == source
 
 
 def is_local_path(name_or_path: str | os.PathLike) -> bool:
@@ -341,9 +389,9 @@ def _write_cache_atomically(
         tokenizer.save_pretrained(tmp)
         (tmp / _MARKER).write_text(json.dumps(source, indent=2))  # last: marks the copy complete
 
-    # Every DDP rank may fill the same cache at once: no clean-up of another's temporary directory, and a complete
-    # copy of the same source that another process renamed into place first is kept.
-    write_dir_atomically(cache, fill, argument="cache_dir", marker=_MARKER, kind="an lp_callbacks model cache",
+    # recover=False: the caller cleaned up under the lock; without one, several processes may fill the same cache
+    # at once (no clean-up of another's live temporary directory; a copy of the same source renamed first is kept).
+    write_dir_atomically(cache, fill, argument="cache_dir", marker=_MARKER, kind=_KIND,
                          recover=False, is_same=lambda target: _read_marker(target) == source)
 
 
