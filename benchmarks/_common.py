@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import os
@@ -57,6 +58,16 @@ def check_result_path(path: Path | str | None, benchmark: str, flag: str = "--js
         raise ValueError(f"{flag} {path} exists and is {what}, not a result of {benchmark!r}: it is not replaced."
                          f" Delete it or pass another {flag}")
     return saved
+
+
+def parse_with_result_path(parser: "argparse.ArgumentParser", argv: "list[str] | None", benchmark: str):
+    """``parser.parse_args(argv)``, then :func:`check_result_path` on ``--json`` as a parser error (before any run)."""
+    args = parser.parse_args(argv)
+    try:
+        check_result_path(args.json, benchmark)
+    except ValueError as e:
+        parser.error(str(e))
+    return args
 
 
 def write_atomically(path: Path | str, write: Callable[[Any], None]) -> None:

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 from _common import (  # the repo root on sys.path: import lp_callbacks from it
-    check_result_path,
+    parse_with_result_path,
     real_model,
     table,
     write_json_result,
@@ -84,12 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              " while another process holds a core are several times slower; the numbers do not depend"
                              " on it)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
-    args = parser.parse_args(argv)
-    try:
-        check_result_path(args.json, BENCHMARK)
-    except ValueError as e:
-        parser.error(str(e))
-    return args
+    return parse_with_result_path(parser, argv, BENCHMARK)
 
 
 def encode(tokenizer, paths) -> torch.Tensor:

@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import Blocks, StepTimer, check_result_path, heal_data, table, write_json_result  # noqa: E402
+from _common import Blocks, StepTimer, heal_data, parse_with_result_path, table, write_json_result  # noqa: E402
 
 from lp_callbacks import BlockInfluenceMonitor, DistillationCallback, LayerPruneCallback, drop_layers, measure_depth  # noqa: E402
 from lp_callbacks.evaluation import PerplexityProtocol, perplexity, teacher_agreement  # noqa: E402
@@ -77,12 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data-seed", type=int,
                         help="shuffle the training blocks with this seed (the same tokens, another order)")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    args = parser.parse_args(argv)
-    try:
-        check_result_path(args.json, BENCHMARK)
-    except ValueError as e:
-        parser.error(str(e))
-    return args
+    return parse_with_result_path(parser, argv, BENCHMARK)
 
 
 def gradual_schedule(args: argparse.Namespace) -> dict[str, int]:
