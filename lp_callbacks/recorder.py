@@ -109,7 +109,7 @@ class BlockInfluenceRecorder:
         self.angular_metrics = {}
         for n in self.block_sizes:
             self._add_angular_metric(n)
-        if self.stack.root is not self.stack.owner:
+        if self.stack.is_hf and self.stack.root is not self.stack.owner:  # an HF forward's args are known by name
             self._handles.append(self.stack.root.register_forward_pre_hook(self._on_root_forward, with_kwargs=True))
         self._handles.append(self.stack.owner.register_forward_pre_hook(self._on_owner_forward, with_kwargs=True))
         for index, layer in enumerate(layers):

@@ -164,3 +164,36 @@ def test_gemma3_multimodal_counts_real_tokens_only():
     assert count.tolist() == [18] * LAYERS and skipped.sum() == 0
     expected = measure_depth(model, [batch]).block_influence
     torch.testing.assert_close(total / count, expected, atol=1e-5, rtol=0)
+
+
+def test_a_custom_root_s_second_argument_is_not_taken_for_a_mask():
+    """Only an HF root's forward arguments are read by position (``(input_ids, attention_mask)``): a custom
+    ``forward(ids, targets)`` keeps every token measured."""
+    from torch import nn
+
+    from lp_callbacks.recorder import BlockInfluenceRecorder
+
+    class Body(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(2))
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = x + layer(x)
+            return x
+
+    class Root(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.body = nn.Embedding(16, 8), Body()
+
+        def forward(self, ids, targets):
+            return self.body(self.embed(ids))
+
+    root, ids = Root(), torch.randint(1, 16, (2, 6))
+    recorder = BlockInfluenceRecorder(root, layers_path="body.layers")
+    with torch.no_grad(), recorder.recording():
+        root(ids, torch.zeros_like(ids))  # targets of 0 would mask everything out
+    (_, count, _), _ = recorder.take_sums()
+    assert count.tolist() == [12, 12]

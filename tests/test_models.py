@@ -95,6 +95,16 @@ def test_cache_of_another_model_is_rebuilt(source_dir, tmp_path):
     assert json.loads((cache / "lp_callbacks_source.json").read_text())["name_or_path"] == str(other.resolve())
 
 
+def test_a_cache_reached_through_a_symbolic_link_loads(source_dir, tmp_path, monkeypatch):
+    import lp_callbacks.harness.models as models
+
+    load_causal_lm(source_dir, cache_dir=tmp_path / "real_cache")
+    (tmp_path / "link").symlink_to(tmp_path / "real_cache", target_is_directory=True)
+    monkeypatch.setattr(models, "_load_from_source", lambda *a: pytest.fail("converted again"))
+    model, _ = load_causal_lm(source_dir, cache_dir=tmp_path / "link")
+    assert model is not None
+
+
 def test_cache_is_rebuilt_when_the_source_weights_change(source_dir, tmp_path):
     cache = tmp_path / "cache"
     load_causal_lm(source_dir, cache_dir=cache)

@@ -162,10 +162,11 @@ def load_causal_lm(
         model, tokenizer = _load_from_source(name_or_path, gguf_file)
         return model.to(torch_dtype), _ensure_pad_token(tokenizer)
 
-    # a refused cache_dir fails before the (slow) conversion; leftovers are cleaned only under the lock below
-    cache = check_export_dir(cache_dir, "cache_dir", marker=_MARKER, kind=_KIND, recover=False)
+    cache = Path(cache_dir).expanduser()
     if _cache_matches(cache, source, warn=False) and not has_leftovers(cache):
-        return _load_from_dir(cache, torch_dtype)
+        return _load_from_dir(cache, torch_dtype)  # (a cache reached through a symbolic link too)
+    # a refused cache_dir fails before the (slow) conversion; leftovers are cleaned only under the lock below
+    cache = check_export_dir(cache, "cache_dir", marker=_MARKER, kind=_KIND, recover=False)
     cache.parent.mkdir(parents=True, exist_ok=True)
     with _writer_lock(cache) as alone:
         if alone:  # no other writer is live: a killed one's temporary copy is removed, its previous copy restored
@@ -218,8 +219,9 @@ def _describe_source(name_or_path: str, gguf_file: str | None) -> dict[str, Any]
 
 def _fingerprint(path: Path) -> list[Any]:
     """Size, modification time (ns) and SHA-256 of the first MiB of a file. A rewrite changes the time (the size
-    alone misses a re-export of the same shapes); the hash covers a copy that kept the old time (``cp -p``) when it
-    differs in the header or the first tensors."""
+    alone misses a re-export of the same shapes); the hash catches a copy that kept the old time (``cp -p``) only
+    when its first MiB differs (for a GGUF that is its metadata: a file with the same metadata and size copied
+    with its old time is not told apart)."""
     stat = path.stat()
     with path.open("rb") as handle:
         digest = hashlib.sha256(handle.read(_HASHED_BYTES)).hexdigest()
