@@ -192,7 +192,7 @@ def before_weights_load(
         load = strategy.load_checkpoint
 
         def load_checkpoint(checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
-            checkpoint = _local_checkpoint(checkpoint_path) if pending else None
+            checkpoint = _checkpoint_to_load(checkpoint_path) if pending else None
             if checkpoint is not None:
                 for _, fn in sorted(pending, key=lambda entry: entry[0]):  # stable: registration order within each
                     fn(checkpoint)
@@ -216,14 +216,14 @@ def before_weights_load(
     return handle
 
 
-def _local_checkpoint(path: Any) -> dict[str, Any] | None:
+def _checkpoint_to_load(path: Any) -> dict[str, Any] | None:
+    """The checkpoint Lightning is about to load, or ``None`` when there is none to read (Lightning then says so)."""
     if not path:
         return None
-    if _is_url(path):
-        from lightning.fabric.utilities.cloud_io import get_filesystem
-
-        return load_checkpoint(path) if get_filesystem(path).exists(path) else None
-    return load_checkpoint(path) if Path(path).exists() else None
+    try:
+        return load_checkpoint(path)  # a local path or a URL: one existence check, in load_checkpoint
+    except FileNotFoundError:
+        return None
 
 
 class _BeforeLoad:

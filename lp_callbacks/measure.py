@@ -77,10 +77,10 @@ def calibration_pass(
     check_int("max_batches", max_batches, minimum=1, allow_none=True)
     model = recorder.stack.root
     runner = _runner(recorder.stack)
-    device, position_ids = device_of(model), takes_position_ids(runner)
+    device, position_ids, cache_off = device_of(model), takes_position_ids(runner), no_cache(runner)
     with evaluating(model), recorder.recording():
         for batch in progress(batches, max_batches, desc):
-            runner(**model_inputs(batch, device, position_ids), **no_cache(runner))
+            runner(**model_inputs(batch, device, position_ids), **cache_off)
 
 
 def measure_depth(
