@@ -415,14 +415,15 @@ class TextDataModule(LightningDataModule):
         from datasets.fingerprint import Hasher
 
         raw = self._load_raw()
-        text_field = "text" if self._builder() == "text" else self.text_field
+        text_files = self._builder() == "text"  # plain text files (their lines or whole documents as rows)
+        text_field = "text" if text_files else self.text_field
         tokenizer = self.get_tokenizer()
         if tokenizer.eos_token_id is None:
             raise ValueError(
                 "The tokenizer has no EOS token, which separates packed documents: set tokenizer.eos_token."
             )
         # Whole files are big documents: few per map batch keeps memory low. Rows of JSON/lines are small.
-        map_batch_size = 8 if self._builder() == "text" and self.text_sample_by == "document" else 1000
+        map_batch_size = 8 if text_files and self.text_sample_by == "document" else 1000
         # Our own fingerprint: datasets' hash of the function + tokenizer object is not stable between runs, which
         # would miss the cache. raw._fingerprint identifies the loaded data (paths, modification times, config).
         fingerprint = Hasher.hash(
